@@ -1,0 +1,29 @@
+"""The bridge: nn.Module <-> Problem, device/dtype placement, torch.func derivative helpers.
+
+This is the only package where tensors change device, dtype or library.
+"""
+
+from .derivatives import (
+    flatten_controls,
+    objective_gradient,
+    objective_hessian,
+    stage_jacobians,
+    unflatten_controls,
+)
+from .modules import LOSSES, ModuleStage, resolve_loss, to_problem
+from .placement import place, resolve_device, to_device
+
+__all__ = [
+    "LOSSES",
+    "ModuleStage",
+    "flatten_controls",
+    "objective_gradient",
+    "objective_hessian",
+    "place",
+    "resolve_device",
+    "resolve_loss",
+    "stage_jacobians",
+    "to_device",
+    "to_problem",
+    "unflatten_controls",
+]

@@ -1,0 +1,49 @@
+"""Where tensors live: the one place that moves a problem or data across devices and dtypes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ocp.problem import Problem
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``"auto"``/None -> CUDA when present, else CPU; otherwise the named device."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _move_(t: Tensor, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    # Rebinding .data keeps the tensor object (and every reference to it, e.g. a module's
+    # Parameter) while moving its storage.
+    target_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+    if (device is None or t.device == device) and target_dtype == t.dtype:
+        return
+    t.data = t.data.to(device=device, dtype=target_dtype)
+
+
+def place(problem: Problem, device: str | torch.device | None = None,
+          dtype: torch.dtype | None = None) -> Problem:
+    """Move a problem's controls and buffers (and its module and loss) in place; returns it."""
+    dev = None if device is None else resolve_device(device)
+    module = getattr(problem, "module", None)
+    if isinstance(module, nn.Module):
+        module.to(device=dev, dtype=dtype)
+    if isinstance(problem.terminal_cost, nn.Module):
+        problem.terminal_cost.to(device=dev, dtype=dtype)
+    for stage in problem.stages:
+        for t in (*stage.controls, *stage.buffers()):
+            _move_(t, dev, dtype)
+    return problem
+
+
+def to_device(*tensors: Tensor, device: str | torch.device | None = None,
+              dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
+    """Copies of ``tensors`` on ``device``; floating tensors also cast to ``dtype``."""
+    dev = None if device is None else resolve_device(device)
+    return tuple(
+        t.to(device=dev, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+        for t in tensors
+    )
