@@ -35,10 +35,10 @@ class Dense(Stage):
     def __init__(self, weight: Tensor, bias: Tensor | None = None, activation_name: str = "tanh",
                  *, name: str | None = None) -> None:
         if weight.dim() != 2:
-            raise ShapeError(f"Dense: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+            raise ShapeError(f"Dense: weight must be 2-D (out, in), got {tuple(weight.shape)}")
         if bias is not None and bias.shape != weight.shape[:1]:
             raise ShapeError(
-                f"Dense: bias of shape {tuple(bias.shape)} does not fit weight {tuple(weight.shape)}"
+                f"Dense: bias {tuple(bias.shape)} does not fit weight {tuple(weight.shape)}"
             )
         controls = (weight,) if bias is None else (weight, bias)
         self.out_features, self.in_features = weight.shape

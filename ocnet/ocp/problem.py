@@ -6,7 +6,7 @@
 Costate sign convention (Pontryagin's *maximum* principle, as in Li et al. 2018):
 
     H_t(x, p, u) = p . f_t(x, u) - l_t(x, u)          (p . f sums over batch and features)
-    p_T = -dPhi/dx_T,     p_t = dH_t/dx (x_t, p_{t+1}, u_t),     dJ/du_t = -dH_t/du (x_t, p_{t+1}, u_t)
+    p_T = -dPhi/dx_T,   p_t = dH_t/dx (x_t, p_{t+1}, u_t),   dJ/du_t = -dH_t/du (x_t, p_{t+1}, u_t)
 
 so ``p_t = -dJ/dx_t`` (p = -V_x in dynamic-programming notation, and minus the
 "adjoint" backpropagation carries). ``Phi`` and ``l_t`` are reduced over the batch
@@ -122,7 +122,7 @@ class Problem:
     def set_controls(self, controls: Sequence[Controls]) -> None:
         """Copy ``controls`` into the live control tensors, in place."""
         if len(controls) != self.T:
-            raise ShapeError(f"set_controls: got controls for {len(controls)} stages, need {self.T}")
+            raise ShapeError(f"set_controls: got {len(controls)} stages of controls, need {self.T}")
         for t, (stage, new) in enumerate(zip(self.stages, controls, strict=True)):
             if len(new) != len(stage.controls):
                 raise ShapeError(
@@ -253,7 +253,8 @@ class Problem:
             grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
         else:
             grads = (None,) * len(inputs)
-        grads = [torch.zeros_like(i) if gr is None else gr for i, gr in zip(inputs, grads, strict=True)]
+        grads = [torch.zeros_like(i) if gr is None else gr
+                 for i, gr in zip(inputs, grads, strict=True)]
         if need_x:
             return grads[0], tuple(grads[1:])
         return None, tuple(grads)
