@@ -46,7 +46,8 @@ class PadFeatures(nn.Module):
 
 
 _ACT_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus,
-                "elu": nn.ELU, "gelu": nn.GELU, "identity": nn.Identity}
+                "elu": nn.ELU, "gelu": nn.GELU, "identity": nn.Identity,
+                "leaky_relu": nn.LeakyReLU}
 
 
 def _act(name: str) -> nn.Module:

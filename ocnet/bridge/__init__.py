@@ -3,6 +3,7 @@
 This is the only package where tensors change device, dtype or library.
 """
 
+from .casadi import TorchCallback, casadi_apply, from_numpy, to_numpy
 from .derivatives import (
     flatten_controls,
     objective_gradient,
@@ -16,7 +17,10 @@ from .placement import place, resolve_device, to_device
 __all__ = [
     "LOSSES",
     "ModuleStage",
+    "TorchCallback",
+    "casadi_apply",
     "flatten_controls",
+    "from_numpy",
     "objective_gradient",
     "objective_hessian",
     "place",
@@ -24,6 +28,7 @@ __all__ = [
     "resolve_loss",
     "stage_jacobians",
     "to_device",
+    "to_numpy",
     "to_problem",
     "unflatten_controls",
 ]

@@ -25,9 +25,24 @@ _ELEMENTWISE = (
 _BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
+
+
+class _CheckedMSELoss(nn.MSELoss):
+    """``nn.MSELoss`` that refuses to broadcast: output and target must have one shape."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:  # noqa: A002
+        if input.shape != target.shape:
+            raise ShapeError(
+                f"mse: the network output has shape {tuple(input.shape)} but the targets have "
+                f"shape {tuple(target.shape)}; they must be equal (broadcasting would compare "
+                "every output with every target). Reshape the targets, e.g. y.reshape(out.shape)"
+            )
+        return super().forward(input, target)
+
+
 LOSSES: dict[str, Callable[[], Callable[[Tensor, Tensor], Tensor]]] = {
     "cross_entropy": lambda: nn.CrossEntropyLoss(),
-    "mse": lambda: nn.MSELoss(),
+    "mse": lambda: _CheckedMSELoss(),
 }
 
 
@@ -67,14 +82,16 @@ class ModuleStage(Stage):
     def _parametric(self, x: Tensor, u: Controls) -> Tensor:
         p = self.parametric
         params = dict(zip(self._names, u, strict=True))
-        if isinstance(p, nn.Linear) and set(params) <= {"weight", "bias"}:
-            return F.linear(x, params["weight"], params.get("bias", p.bias))
-        if isinstance(p, nn.Conv2d) and p.padding_mode == "zeros":
-            return F.conv2d(x, params["weight"], params.get("bias", p.bias), p.stride,
-                            p.padding, p.dilation, p.groups)
-        if isinstance(p, nn.Conv1d) and p.padding_mode == "zeros":
-            return F.conv1d(x, params["weight"], params.get("bias", p.bias), p.stride,
-                            p.padding, p.dilation, p.groups)
+        # A frozen (requires_grad=False) weight or bias is not a control: take it from the layer.
+        plain = set(params) <= {"weight", "bias"}
+        if isinstance(p, nn.Linear) and plain:
+            return F.linear(x, params.get("weight", p.weight), params.get("bias", p.bias))
+        if isinstance(p, nn.Conv2d) and p.padding_mode == "zeros" and plain:
+            return F.conv2d(x, params.get("weight", p.weight), params.get("bias", p.bias),
+                            p.stride, p.padding, p.dilation, p.groups)
+        if isinstance(p, nn.Conv1d) and p.padding_mode == "zeros" and plain:
+            return F.conv1d(x, params.get("weight", p.weight), params.get("bias", p.bias),
+                            p.stride, p.padding, p.dilation, p.groups)
         return functional_call(p, params, (x,))
 
     def f(self, x: Tensor, u: Controls) -> Tensor:
@@ -93,7 +110,11 @@ class ModuleStage(Stage):
 
 def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     out = []
-    for name, child in module.named_children():
+    # Not named_children(): it skips a module that occurs twice, which would silently drop a
+    # layer (e.g. one nn.Tanh instance used after two Linear layers).
+    for name, child in module._modules.items():
+        if child is None:
+            continue
         path = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
             out += _leaves(child, path + ".")
@@ -135,18 +156,22 @@ def to_problem(module: nn.Module, loss: str | Callable[[Tensor, Tensor], Tensor]
     seen: dict[int, str] = {}
     groups: list[tuple[list[nn.Module], int]] = []
     pending: list[nn.Module] = []
-    for path, layer in leaves:
-        if isinstance(layer, _BATCH_COUPLED):
-            raise ConfigError(
-                f"layer {path} ({type(layer).__name__}) normalises with batch statistics, so a "
-                "sample's next state depends on the other samples and on the layer's history; "
-                "a stage must be a fixed function f(x, u). Remove it or use nn.LayerNorm"
-            )
-        if isinstance(layer, _RANDOM):
-            raise ConfigError(
-                f"layer {path} ({type(layer).__name__}) is random, so it is not a deterministic "
-                "stage f(x, u); remove it for optimal-control training"
-            )
+    for path, leaf in leaves:
+        # Check the layer and everything inside it (a custom block may hide a BatchNorm).
+        for sub_name, layer in leaf.named_modules(prefix=path):
+            if isinstance(layer, _BATCH_COUPLED):
+                raise ConfigError(
+                    f"layer {sub_name} ({type(layer).__name__}) normalises with batch statistics, "
+                    "so a sample's next state depends on the other samples and on the layer's "
+                    "history; a stage must be a fixed function f(x, u). Remove it or use "
+                    "nn.LayerNorm"
+                )
+            if isinstance(layer, _RANDOM):
+                raise ConfigError(
+                    f"layer {sub_name} ({type(layer).__name__}) is random, so it is not a "
+                    "deterministic stage f(x, u); remove it for optimal-control training"
+                )
+        layer = leaf
         params = _trainable(layer)
         for _, p in params:
             if id(p) in seen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ocp.errors import ConfigError
 from ..ocp.problem import Problem
 
 
@@ -12,7 +13,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``"auto"``/None -> CUDA when present, else CPU; otherwise the named device."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"unknown device {device!r} ({err}); use 'cpu', 'cuda', 'cuda:N' "
+                          "or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available on this "
+                          "machine; use 'cpu' or 'auto'")
+    return dev
 
 
 def _move_(t: Tensor, device: torch.device | None, dtype: torch.dtype | None) -> None:

@@ -152,11 +152,16 @@ class ZeroPad(Stage):
         super().__init__((), name or f"zeropad({in_features}->{width})")
 
     def f(self, x: Tensor, u: Controls) -> Tensor:
+        if x.shape[-1] != self.in_features:  # a negative pad would silently crop
+            raise ShapeError(
+                f"{self.name} needs states with {self.in_features} features, got shape "
+                f"{tuple(x.shape)}"
+            )
         return F.pad(x, (0, self.out_features - x.shape[-1]))
 
 
 class LinearQuadratic(Stage):
-    """x+ = x A^T + u B^T (+ c),  l(x, u) = mean_i [ x_i'Qx_i/2 + u'Ru/2 + x_i'S u ] + q'u.
+    """x+ = x A^T + u B^T,  l(x, u) = mean_i [ x_i'Qx_i/2 + x_i'S u ] + u'Ru/2.
 
     The stage of a textbook linear-quadratic problem: the control ``u`` (shape (m,)) is a
     plain tensor shared by the batch of initial states; the running cost depends on the
@@ -172,6 +177,8 @@ class LinearQuadratic(Stage):
                 f"A {tuple(A.shape)}, B {tuple(B.shape)}, Q {tuple(Q.shape)}, "
                 f"R {tuple(R.shape)}, u {tuple(u.shape)}"
             )
+        if S is not None and S.shape != (n, m):
+            raise ShapeError(f"LinearQuadratic: need S (n,m) = ({n},{m}), got {tuple(S.shape)}")
         self.A, self.B, self.Q, self.R = A, B, Q, R
         self.S = torch.zeros(n, m, dtype=A.dtype, device=A.device) if S is None else S
         self.in_features = self.out_features = n

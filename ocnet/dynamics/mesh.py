@@ -62,7 +62,7 @@ class TimeMesh:
     def refine(self, marked: Sequence[int] | Sequence[bool] | Tensor) -> tuple[TimeMesh, list[int]]:
         """Bisect the marked intervals. Returns the new mesh and, for each new interval, its
         parent's index (so controls can be prolongated with :meth:`prolongate`)."""
-        if isinstance(marked, Tensor):
+        if hasattr(marked, "tolist"):  # a tensor or numpy array: to Python bools / ints
             marked = marked.tolist()
         marked = list(marked)
         if marked and all(isinstance(m, bool) for m in marked):
@@ -113,13 +113,25 @@ class EulerStage(Stage):
 
 def euler_stages(field: VectorField, mesh: TimeMesh, controls: Sequence[Controls] | None = None,
                  *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> list[EulerStage]:
-    """One :class:`EulerStage` per mesh interval; fresh controls when ``controls`` is None."""
+                 device: torch.device | str | None = None,
+                 running_cost: Callable[[Tensor, Controls], Tensor] | None = None
+                 ) -> list[EulerStage]:
+    """One :class:`EulerStage` per mesh interval; fresh controls when ``controls`` is None.
+
+    ``running_cost`` is a cost rate l(x, u) (a scalar, reduced over the batch); stage m
+    gets h_m l(x_m, u_m), the left-point rule for the integral of l over the horizon.
+    """
     if controls is None:
         controls = [field.init_controls(generator=generator, dtype=dtype, device=device)
                     for _ in range(len(mesh))]
     if len(controls) != len(mesh):
         raise ShapeError(f"euler_stages: {len(controls)} control sets for {len(mesh)} intervals")
     nodes = mesh.nodes
-    return [EulerStage(field, h, nodes[m], tuple(controls[m]))
+
+    def scaled(h: float) -> Callable[[Tensor, Controls], Tensor] | None:
+        if running_cost is None:
+            return None
+        return lambda x, u: h * running_cost(x, u)
+
+    return [EulerStage(field, h, nodes[m], tuple(controls[m]), scaled(h))
             for m, h in enumerate(mesh.lengths)]

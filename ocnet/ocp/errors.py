@@ -22,4 +22,5 @@ class CheckpointError(OcnetError, RuntimeError):
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ConfigError:
     """The error for a name that is not in a registry: it lists the valid ones."""
     choices = ", ".join(sorted(valid))
-    return ConfigError(f"unknown {kind} {name!r}; valid {kind}s are: {choices}")
+    kinds = f"{kind}es" if kind.endswith(("s", "sh", "ch", "x")) else f"{kind}s"
+    return ConfigError(f"unknown {kind} {name!r}; valid {kinds} are: {choices}")

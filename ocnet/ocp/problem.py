@@ -142,6 +142,8 @@ class Problem:
         """x_{t+1} = f_t(x, u); shape errors name the stage and both shapes."""
         stage = self.stages[t]
         u = stage.controls if u is None else u
+        if stage.in_features is not None and x.dim() > 1 and x.shape[-1] != stage.in_features:
+            raise ShapeError(self._shape_message(t, x, None))
         try:
             out = stage.f(x, u)
         except (RuntimeError, ValueError) as err:
@@ -153,22 +155,40 @@ class Problem:
                 f"stage {t} ({stage.describe()}) changed the batch size from {x.shape[0]} to "
                 f"{out.shape[0]}; a stage must map each sample to one next state"
             )
+        if stage.out_features is not None and out.dim() > 1 and out.shape[-1] != stage.out_features:
+            raise ShapeError(
+                f"stage {t} ({stage.describe()}) declares {stage.out_features} output features "
+                f"but produced a state of shape {tuple(out.shape)} from one of shape "
+                f"{tuple(x.shape)}; fix the stage's function or its out_features"
+            )
         return out
 
-    def _shape_message(self, t: int, x: Tensor, err: Exception) -> str:
+    def _shape_message(self, t: int, x: Tensor, err: Exception | None) -> str:
         stage = self.stages[t]
         expects = f" It expects {stage.in_features} input features." if stage.in_features else ""
         came = "the input x_0" if t == 0 else f"stage {t - 1} ({self.stages[t - 1].describe()})"
+        said = "" if err is None else f" (torch said: {err})"
         return (
             f"stage {t} ({stage.describe()}) cannot take a state of shape {tuple(x.shape)}, "
             f"which came from {came}.{expects} Make the output of the previous stage match "
-            f"this stage's input. (torch said: {err})"
+            f"this stage's input.{said}"
         )
+
+    def running_cost(self, t: int, x: Tensor, u: Controls | None = None) -> Tensor | None:
+        """l_t(x, u) (``None`` means zero); it must be a scalar, reduced over the batch."""
+        stage = self.stages[t]
+        c = stage.cost(x, stage.controls if u is None else u)
+        if c is not None and c.dim() != 0:
+            raise ShapeError(
+                f"the running cost of stage {t} ({stage.describe()}) has shape "
+                f"{tuple(c.shape)}; it must be a scalar: reduce it over the batch (e.g. .mean())"
+            )
+        return c
 
     def terminal(self, x_T: Tensor, y: Tensor | None) -> Tensor:  # noqa: N803
         """Phi(x_T, y), with an error naming both shapes when they do not fit."""
         try:
-            return self.terminal_cost(x_T, y)
+            phi = self.terminal_cost(x_T, y)
         except (RuntimeError, ValueError, IndexError) as err:
             if isinstance(err, ShapeError):
                 raise
@@ -178,6 +198,14 @@ class Problem:
                 f"with targets of shape {ys}: check the output size of the last stage "
                 f"({self.stages[-1].describe()}) against the targets. (torch said: {err})"
             ) from err
+        if not isinstance(phi, Tensor) or phi.dim() != 0:
+            shape = tuple(phi.shape) if isinstance(phi, Tensor) else type(phi).__name__
+            raise ShapeError(
+                f"the terminal cost returned {shape} for a final state of shape "
+                f"{tuple(x_T.shape)}; it must be a scalar tensor: reduce it over the batch "
+                "(e.g. .mean())"
+            )
+        return phi
 
     def _check_placement(self, x0: Tensor) -> None:
         for t, stage in enumerate(self.stages):
@@ -199,8 +227,8 @@ class Problem:
         xs = [x0]
         costs: list[Tensor | None] = []
         with torch.no_grad():
-            for t, stage in enumerate(self.stages):
-                costs.append(stage.cost(xs[-1], us[t]))
+            for t in range(self.T):
+                costs.append(self.running_cost(t, xs[-1], us[t]))
                 xs.append(self.step(t, xs[-1], us[t]))
         return Trajectory(xs=xs, us=us, running_costs=costs)
 
@@ -212,8 +240,8 @@ class Problem:
         us = self.controls if controls is None else [tuple(u) for u in controls]
         x = x0
         total: Tensor | None = None
-        for t, stage in enumerate(self.stages):
-            c = stage.cost(x, us[t])
+        for t in range(self.T):
+            c = self.running_cost(t, x, us[t])
             if c is not None:
                 total = c if total is None else total + c
             x = self.step(t, x, us[t])
@@ -225,17 +253,16 @@ class Problem:
         stage = self.stages[t]
         u = stage.controls if u is None else u
         h = (p * self.step(t, x, u)).sum()
-        c = stage.cost(x, u)
+        c = self.running_cost(t, x, u)
         return h if c is None else h - c
 
     # ------------------------------------------------------------------ the costate sweep
     def _local(self, t: int, x: Tensor, u: Controls, need_x: bool) -> _LocalGraph:
-        stage = self.stages[t]
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(need_x)
             u_ = tuple(v.detach().requires_grad_(True) for v in u)
             out = self.step(t, x_, u_)
-            cost = stage.cost(x_, u_)
+            cost = self.running_cost(t, x_, u_)
         return _LocalGraph(x_, u_, out, cost)
 
     @staticmethod

@@ -62,7 +62,9 @@ class Stage(abc.ABC):
     @property
     def has_cost(self) -> bool:
         """Whether :meth:`cost` is overridden (stages without one skip its derivatives)."""
-        return type(self).cost is not Stage.cost or getattr(self, "_cost_fn", None) is not None
+        if hasattr(self, "_cost_fn"):  # FunctionStage, EulerStage: a cost function or None
+            return self._cost_fn is not None
+        return type(self).cost is not Stage.cost
 
     def __call__(self, x: Tensor, u: Controls | None = None) -> Tensor:
         return self.f(x, self._controls if u is None else u)

@@ -97,15 +97,21 @@ def solver_names() -> list[str]:
 
 
 def solver_summaries() -> dict[str, str]:
+    """Each registered solver's one-line summary, by name."""
     return {k: v[1] for k, v in sorted(_REGISTRY.items())}
+
+
+def solver_entry(name: str) -> tuple[SolverFactory, str]:
+    """The registered ``(factory, summary)`` of ``name``; unknown names list the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise unknown_name("solver", name, solver_names()) from None
 
 
 def make_solver(name: str, problem: Problem, **options: Any) -> Solver:
     """The solver registered as ``name`` on ``problem``; unknown names list the valid ones."""
-    try:
-        factory, _ = _REGISTRY[name]
-    except KeyError:
-        raise unknown_name("solver", name, solver_names()) from None
+    factory, _ = solver_entry(name)
     try:
         return factory(problem, **options)
     except TypeError as err:
