@@ -11,10 +11,14 @@ from .base import (
 )
 from .gradient import DEFAULT_LR, OPTIMIZERS, GradientSolver
 from .ipopt import IpoptReference, QuadraticCost
+from .port_hamiltonian import GoalBraking, PortHamiltonian, PortHamiltonianSolver
 
 __all__ = [
     "DEFAULT_LR",
     "OPTIMIZERS",
+    "PortHamiltonian",
+    "PortHamiltonianSolver",
+    "GoalBraking",
     "GradientSolver",
     "IpoptReference",
     "QuadraticCost",
