@@ -267,9 +267,10 @@ def demo(out: Path, solver_list: str | None, epochs: int | None, seed: int, quic
 
 
 # ----------------------------------------------------------------------------- more commands
-# Commands defined elsewhere are added here with one line each, e.g.
-#   from .solvers.adaptive import adapt_command
-#   cli.add_command(adapt_command, name="adapt")
+# Commands defined elsewhere are added here with one line each.
+from .neural_ode.adapt_cli import adapt  # noqa: E402
+
+cli.add_command(adapt)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,20 +9,26 @@ from .base import (
     solver_names,
     solver_summaries,
 )
+from .dwr import DWR, Level, doerfler, full_indicators, indicators
 from .gradient import DEFAULT_LR, OPTIMIZERS, GradientSolver
 from .ipopt import IpoptReference, QuadraticCost
 from .port_hamiltonian import GoalBraking, PortHamiltonian, PortHamiltonianSolver
 
 __all__ = [
     "DEFAULT_LR",
+    "DWR",
     "OPTIMIZERS",
     "PortHamiltonian",
     "PortHamiltonianSolver",
     "GoalBraking",
     "GradientSolver",
     "IpoptReference",
+    "Level",
     "QuadraticCost",
     "Solver",
+    "doerfler",
+    "full_indicators",
+    "indicators",
     "StepInfo",
     "make_solver",
     "register",
