@@ -12,11 +12,17 @@ from .base import (
 from .dwr import DWR, Level, doerfler, full_indicators, indicators
 from .gradient import DEFAULT_LR, OPTIMIZERS, GradientSolver
 from .ipopt import IpoptReference, QuadraticCost
+from .msa import EMSA, MSA, ConstantRho, GeometricRho, RhoSchedule
 from .port_hamiltonian import GoalBraking, PortHamiltonian, PortHamiltonianSolver
 
 __all__ = [
     "DEFAULT_LR",
     "DWR",
+    "EMSA",
+    "MSA",
+    "ConstantRho",
+    "GeometricRho",
+    "RhoSchedule",
     "OPTIMIZERS",
     "PortHamiltonian",
     "PortHamiltonianSolver",

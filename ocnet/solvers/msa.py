@@ -1,0 +1,474 @@
+"""MSA and E-MSA: training by maximising every layer's (augmented) Hamiltonian.
+
+The method of successive approximations (Li, Chen, Tai, E, JMLR 2018) alternates the
+three parts of Pontryagin's maximum principle. With the sign convention of
+:mod:`ocnet.ocp.problem` (``Phi`` and ``l_t`` are batch means, so costates carry 1/B):
+
+    forward    x_{t+1} = f_t(x_t, u_t)                                     (x frozen)
+    backward   p_T = -dPhi/dx_T,   p_t = dH_t/dx (x_t, p_{t+1}, u_t)       (p frozen)
+    maximise   u_t <- argmax_u  Htilde_t(u)          for every t at once
+
+    H_t(u)      = sum_i p_{t+1}^i . f_t(x_t^i, u) - l_t(x_t, u)
+    Htilde_t(u) = H_t(u) - rho/(2B) sum_i |x_{t+1}^i - f_t(x_t^i, u)|^2
+                         - rho B/2  sum_i |p_t^i - dH_t/dx^i (x_t, p_{t+1}, u)|^2
+
+Basic MSA is ``rho = 0`` (it can diverge: the argmax of H ignores that x and p move);
+E-MSA penalises leaving the region where the frozen x and p are still valid. The
+factors 1/B and B make Htilde the batch *mean* of the per-sample augmented Hamiltonian
+of the paper (whose costates are the per-sample p^i * B), see ``docs/msa.md``.
+At u = u_t both penalties vanish and grad Htilde_t = dH_t/du = -dJ/du_t, so a fixed
+point of E-MSA satisfies dJ/du = 0 (the Pontryagin condition).
+
+The maximisation runs for all controlled layers together on one flat vector of all
+controls, on the problem's device. Each evaluation is one forward pass of every layer,
+one vector-Jacobian product for dH/dx (kept differentiable) and one backward pass
+(a double backward through the costate penalty). Per-layer quantities (values, dot
+products, step sizes) are segment sums over that vector, so the layers are independent
+problems solved in one batch. Inner solvers:
+
+- ``lbfgs``: a batched L-BFGS with per-layer memory, scaling and an Armijo
+  accept/reject per layer (rejected layers halve their step); no host synchronisation.
+- ``gd``: the same with no memory: gradient ascent with a per-layer Armijo step.
+- ``adam``: Adam ascent; each layer keeps the best iterate it has seen.
+- ``torch-lbfgs``: ``torch.optim.LBFGS`` (strong Wolfe) over all controls at once,
+  followed by a per-layer safeguard; its line search decides on the host.
+
+Every inner solver returns, per layer, a point whose Htilde is not below the starting
+one (recorded as ``htilde_before``/``htilde_after`` in ``StepInfo.extra``).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..ocp.errors import ConfigError, unknown_name
+from ..ocp.problem import Problem
+from ..ocp.stage import Controls
+from .base import Solver, StepInfo, grad_norm, register
+
+INNER_SOLVERS = ("adam", "gd", "lbfgs", "torch-lbfgs")
+SCALINGS = ("mean", "reference")
+DEFAULT_INNER_LR = {"lbfgs": 1.0, "gd": 1.0, "adam": 1e-2, "torch-lbfgs": 1.0}
+
+
+# ---------------------------------------------------------------------------- rho schedules
+class RhoSchedule(abc.ABC):
+    """The penalty rho as a function of the outer iteration (0, 1, 2, ...)."""
+
+    @abc.abstractmethod
+    def __call__(self, step: int) -> float:
+        """rho at outer step ``step``."""
+
+
+class ConstantRho(RhoSchedule):
+    """rho_k = rho."""
+
+    def __init__(self, rho: float) -> None:
+        self.rho = _check_rho(rho)
+
+    def __call__(self, step: int) -> float:
+        return self.rho
+
+    def __repr__(self) -> str:
+        return f"ConstantRho({self.rho:g})"
+
+
+class GeometricRho(RhoSchedule):
+    """rho_k = clip(rho0 * factor^(k // every), rho_min, rho_max)."""
+
+    def __init__(self, rho0: float, factor: float, *, every: int = 1, rho_min: float = 0.0,
+                 rho_max: float = math.inf) -> None:
+        self.rho0 = _check_rho(rho0)
+        if not factor > 0:
+            raise ConfigError(f"GeometricRho: factor must be positive, got {factor}")
+        if every < 1:
+            raise ConfigError(f"GeometricRho: every must be >= 1, got {every}")
+        self.factor, self.every = float(factor), int(every)
+        self.rho_min, self.rho_max = float(rho_min), float(rho_max)
+
+    def __call__(self, step: int) -> float:
+        rho = self.rho0 * self.factor ** (step // self.every)
+        return min(max(rho, self.rho_min), self.rho_max)
+
+    def __repr__(self) -> str:
+        return (f"GeometricRho({self.rho0:g}, factor={self.factor:g}, every={self.every}, "
+                f"rho_min={self.rho_min:g}, rho_max={self.rho_max:g})")
+
+
+def _check_rho(rho: float) -> float:
+    rho = float(rho)
+    if not (rho >= 0 and math.isfinite(rho)):
+        raise ConfigError(f"rho must be a finite number >= 0, got {rho}")
+    return rho
+
+
+# ---------------------------------------------------------------------------- flat layout
+class _Layout:
+    """All controlled stages' controls as one flat vector z, and segment sums per layer."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.stages = [t for t, s in enumerate(problem.stages) if s.controls]
+        if not self.stages:
+            raise ConfigError(f"{problem!r} has no controls to optimise")
+        self.shapes = [[u.shape for u in problem.stages[t].controls] for t in self.stages]
+        sizes = [[u.numel() for u in problem.stages[t].controls] for t in self.stages]
+        ref = problem.stages[self.stages[0]].controls[0]
+        self.numel = sum(map(sum, sizes))
+        self.L = len(self.stages)
+        self.seg = torch.repeat_interleave(
+            torch.arange(self.L, device=ref.device),
+            torch.tensor([sum(s) for s in sizes], device=ref.device),
+        )
+        self.sizes = sizes
+
+    def flatten(self, controls: Sequence[Controls]) -> Tensor:
+        """The flat vector of the controls of the controlled stages (``controls`` per stage)."""
+        return torch.cat([u.reshape(-1) for t in self.stages for u in controls[t]])
+
+    def views(self, z: Tensor) -> list[Controls]:
+        """Per controlled stage, its controls as views of ``z``."""
+        out, k = [], 0
+        for shapes, sizes in zip(self.shapes, self.sizes, strict=True):
+            us = []
+            for shape, n in zip(shapes, sizes, strict=True):
+                us.append(z[k:k + n].view(shape))
+                k += n
+            out.append(tuple(us))
+        return out
+
+    def seg_sum(self, v: Tensor) -> Tensor:
+        """Per-layer sums of the flat vector ``v``: shape (L,)."""
+        return v.new_zeros(self.L).index_add_(0, self.seg, v)
+
+    def expand(self, s: Tensor) -> Tensor:
+        """A per-layer quantity (L,) broadcast to the flat vector."""
+        return s[self.seg]
+
+
+@dataclass
+class _Frozen:
+    """The iterate an inner solve is frozen at (controlled stages only, in order)."""
+
+    x_in: list[Tensor]    # x_t (leaves that require grad when rho > 0)
+    x_out: list[Tensor]   # x_{t+1}
+    p_in: list[Tensor]    # p_t
+    p_out: list[Tensor]   # p_{t+1}
+    rho: float
+    batch: int
+
+
+# ---------------------------------------------------------------------------- the solver
+class EMSA(Solver):
+    """Extended method of successive approximations (see the module docstring).
+
+    Args:
+        problem: any :class:`~ocnet.ocp.Problem` (``to_problem`` stages, Euler meshes, LQ).
+        rho: the penalty (a number, a :class:`RhoSchedule` or any ``step -> rho`` callable).
+        rho_decay: if not 1, ``rho`` (a number) becomes ``GeometricRho(rho, rho_decay)``.
+        rho_min: lower bound of that geometric schedule.
+        inner: the inner maximiser, one of ``INNER_SOLVERS``.
+        inner_iters: evaluations of (Htilde, grad Htilde) per outer step.
+        lr: the inner step size (L-BFGS/gd: the largest step multiplier; Adam: its lr).
+        history: the L-BFGS memory.
+        weight_decay: an extra running cost ``weight_decay/2 |u_t|^2`` this solver adds to
+            every controlled stage (prefer ``to_problem(..., weight_decay=...)``, so that
+            every solver sees the same objective; ``StepInfo.loss`` is the problem's J).
+        betas, eps: Adam's.
+        c1: the Armijo constant of the per-layer acceptance.
+    """
+
+    name = "emsa"
+
+    def __init__(
+        self,
+        problem: Problem,
+        rho: float | RhoSchedule | Callable[[int], float] = 1.0,
+        *,
+        rho_decay: float = 1.0,
+        rho_min: float = 0.0,
+        inner: str = "lbfgs",
+        inner_iters: int = 10,
+        lr: float | None = None,
+        history: int = 10,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        c1: float = 1e-4,
+        scaling: str = "mean",
+    ) -> None:
+        super().__init__(problem)
+        if scaling not in SCALINGS:
+            raise unknown_name("penalty scaling", scaling, SCALINGS)
+        self.scaling = scaling
+        if inner not in INNER_SOLVERS:
+            raise unknown_name("inner solver", inner, INNER_SOLVERS)
+        if isinstance(rho, RhoSchedule) or callable(rho):
+            if rho_decay != 1.0:
+                raise ConfigError("rho_decay applies to a numeric rho; give either a schedule "
+                                  "object or rho=<number> with rho_decay=<factor>")
+            self.rho_schedule = rho
+        elif rho_decay != 1.0:
+            self.rho_schedule = GeometricRho(rho, rho_decay, rho_min=rho_min)
+        else:
+            self.rho_schedule = ConstantRho(rho)
+        if int(inner_iters) < 1:
+            raise ConfigError(f"inner_iters must be >= 1, got {inner_iters}")
+        if lr is not None and not lr > 0:
+            raise ConfigError(f"lr (the inner step size) must be positive, got {lr}")
+        if int(history) < 1:
+            raise ConfigError(f"history (the L-BFGS memory) must be >= 1, got {history}")
+        if weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.inner = inner
+        self.inner_iters = int(inner_iters)
+        self.lr = DEFAULT_INNER_LR[inner] if lr is None else float(lr)
+        self.history = int(history)
+        self.weight_decay = float(weight_decay)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self.c1 = float(c1)
+        self.layout = _Layout(problem)
+        self.evaluations = 0
+
+    # ------------------------------------------------------------------ public helpers
+    def rho(self, step: int | None = None) -> float:
+        """rho at outer step ``step`` (default: the next step)."""
+        return _check_rho(self.rho_schedule(self.steps if step is None else step))
+
+    # ------------------------------------------------------------------ one outer step
+    def _step(self, x0: Tensor, y: Tensor | None) -> StepInfo:
+        problem, lay = self.problem, self.layout
+        rho = self.rho()
+        J, grads, traj = problem.value_and_gradients(x0, y, keep_costates=True)  # noqa: N806
+        ps = traj.ps
+        assert ps is not None  # keep_costates=True fills them
+        fr = _Frozen(
+            x_in=[traj.xs[t].detach().requires_grad_(rho > 0) for t in lay.stages],
+            x_out=[traj.xs[t + 1] for t in lay.stages],
+            p_in=[ps[t] for t in lay.stages],
+            p_out=[ps[t + 1] for t in lay.stages],
+            rho=rho,
+            batch=x0.shape[0],
+        )
+        with torch.no_grad():
+            z0 = lay.flatten(problem.controls).detach().clone()
+            if lay.seg.device != z0.device:  # the problem was placed after the solver was made
+                lay.seg = lay.seg.to(z0.device)
+            # At u_t the penalties vanish: Htilde_t = H_t = p_{t+1}.x_{t+1} - l_t, and
+            # grad Htilde_t = dH_t/du = -dJ/du_t; so the start costs no evaluation.
+            h0 = []
+            for k, t in enumerate(lay.stages):
+                h = (fr.p_out[k] * fr.x_out[k]).sum()
+                c = traj.running_costs[t]
+                h0.append(h if c is None else h - c)
+            phi0 = -torch.stack(h0)
+            g0 = lay.flatten(grads)
+            if self.weight_decay:
+                phi0 = phi0 + 0.5 * self.weight_decay * lay.seg_sum(z0 * z0)
+                g0 = g0 + self.weight_decay * z0
+        before = self.evaluations
+        if self.inner == "adam":
+            z, phi = self._adam(z0, phi0, g0, fr)
+        elif self.inner == "torch-lbfgs":
+            z, phi = self._torch_lbfgs(z0, phi0, fr)
+        else:
+            z, phi = self._lbfgs(z0, phi0, g0, fr, history=0 if self.inner == "gd" else None)
+        with torch.no_grad():
+            for t, us in zip(lay.stages, lay.views(z), strict=True):
+                for u, v in zip(problem.stages[t].controls, us, strict=True):
+                    u.copy_(v)
+        extra: dict[str, Any] = {
+            "rho": rho,
+            "htilde_before": -phi0,
+            "htilde_after": -phi,
+            "stages": list(lay.stages),
+            "evaluations": self.evaluations - before,
+            "control_change": torch.linalg.vector_norm(z - z0),
+        }
+        return StepInfo(loss=J, accepted=True, grad_norm=grad_norm(grads), extra=extra)
+
+    # ------------------------------------------------------------------ Htilde and its gradient
+    def _weights(self, rho: float, batch: int) -> tuple[float, float]:
+        """The factors of sum_i |dx^i|^2 and sum_i |dp^i|^2 in Htilde (see ``scaling``)."""
+        if self.scaling == "mean":
+            return 0.5 * rho / batch, 0.5 * rho * batch
+        return 0.5 * rho, 0.5 * rho
+
+    def evaluate(self, z: Tensor, fr: _Frozen, need_grad: bool = True
+                 ) -> tuple[Tensor, Tensor | None]:
+        """phi = -Htilde per layer (L,) at the flat controls ``z``, and d(sum phi)/dz."""
+        lay, stages = self.layout, self.problem.stages
+        self.evaluations += 1
+        rho, B = fr.rho, fr.batch  # noqa: N806
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(need_grad)
+            hs, sq_x = [], []
+            for k, (t, u) in enumerate(zip(lay.stages, lay.views(z), strict=True)):
+                stage, x = stages[t], fr.x_in[k]
+                out = stage.f(x, u)
+                h = (fr.p_out[k] * out).sum()
+                c = stage.cost(x, u)
+                hs.append(h if c is None else h - c)
+                if rho > 0:
+                    d = out - fr.x_out[k]
+                    sq_x.append((d * d).sum())
+            H = torch.stack(hs)  # noqa: N806
+            if rho > 0:
+                dh_dx = torch.autograd.grad(H.sum(), fr.x_in, create_graph=need_grad,
+                                            allow_unused=True)
+                sq_p = []
+                for k, g in enumerate(dh_dx):
+                    r = fr.p_in[k] if g is None else fr.p_in[k] - g
+                    sq_p.append((r * r).sum())
+                wx, wp = self._weights(rho, B)
+                H = H - wx * torch.stack(sq_x) - wp * torch.stack(sq_p)  # noqa: N806
+            phi = -H
+            if self.weight_decay:
+                phi = phi + 0.5 * self.weight_decay * lay.seg_sum(z * z)
+            grad = None
+            if need_grad:
+                (grad,) = torch.autograd.grad(phi.sum(), z, allow_unused=True)
+                if grad is None:
+                    grad = torch.zeros_like(z)
+        return phi.detach(), grad
+
+    # ------------------------------------------------------------------ inner solvers
+    def _lbfgs(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen, history: int | None
+               ) -> tuple[Tensor, Tensor]:
+        """Batched L-BFGS (``history=0``: gradient ascent), per-layer Armijo accept/reject."""
+        lay = self.layout
+        m = self.history if history is None else history
+        n, L = z.numel(), lay.L  # noqa: N806
+        S = z.new_zeros(m, n)  # noqa: N806
+        Y = z.new_zeros(m, n)  # noqa: N806
+        R = z.new_zeros(m, L)  # noqa: N806 - 1/(s.y) per layer; 0 marks an empty slot
+        if m:  # the first L-BFGS step: torch's scaling lr * min(1, 1/|g|_1)
+            gamma = self.lr * torch.clamp(1.0 / lay.seg_sum(g.abs()), max=1.0)
+            gamma = torch.nan_to_num(gamma, nan=self.lr, posinf=self.lr)
+        else:
+            gamma = torch.full((L,), self.lr, dtype=z.dtype, device=z.device)
+        tau = torch.ones(L, dtype=z.dtype, device=z.device)
+        head, count = 0, 0
+        for _ in range(self.inner_iters):
+            q = g.clone()
+            slots = [(head - 1 - j) % m for j in range(min(count, m))] if m else []
+            alphas = []
+            for j in slots:  # newest to oldest
+                a = R[j] * lay.seg_sum(S[j] * q)
+                q -= lay.expand(a) * Y[j]
+                alphas.append(a)
+            r = lay.expand(gamma) * q
+            for j, a in zip(reversed(slots), reversed(alphas), strict=True):
+                b = R[j] * lay.seg_sum(Y[j] * r)
+                r += S[j] * lay.expand(a - b)
+            d = -r
+            gd = lay.seg_sum(g * d)
+            descent = gd < 0
+            d = torch.where(lay.expand(descent), d, -lay.expand(gamma) * g)
+            gd = torch.where(descent, gd, -gamma * lay.seg_sum(g * g))
+            zc = z + lay.expand(tau) * d
+            phic, gc = self.evaluate(zc, fr)
+            ok = torch.isfinite(phic) & (phic <= phi + self.c1 * tau * gd)
+            okx = lay.expand(ok)
+            if m:
+                s = torch.where(okx, zc - z, 0.0)
+                yv = torch.where(okx, gc - g, 0.0)
+                sy, yy, ss = lay.seg_sum(s * yv), lay.seg_sum(yv * yv), lay.seg_sum(s * s)
+                good = ok & (sy > 1e-10 * torch.sqrt(ss * yy))
+                goodx = lay.expand(good)
+                S[head] = torch.where(goodx, s, 0.0)
+                Y[head] = torch.where(goodx, yv, 0.0)
+                R[head] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
+                gamma = torch.where(good, sy / torch.where(good, yy, 1.0), gamma)
+                head, count = (head + 1) % m, count + 1
+            z = torch.where(okx, zc, z)
+            g = torch.where(okx, gc, g)
+            phi = torch.where(ok, phic, phi)
+            # accepted: back to the full step (L-BFGS) or twice the last one (gd)
+            grow = torch.ones_like(tau) if m else torch.clamp(2 * tau, max=1.0)
+            tau = torch.where(ok, grow, 0.5 * tau)
+        return z, phi
+
+    def _adam(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen) -> tuple[Tensor, Tensor]:
+        """Adam ascent on all controls; each layer returns its best evaluated iterate."""
+        lay = self.layout
+        b1, b2 = self.betas
+        mom, vel = torch.zeros_like(z), torch.zeros_like(z)
+        best_z, best_phi = z, phi
+        for k in range(1, self.inner_iters + 1):
+            mom = b1 * mom + (1 - b1) * g
+            vel = b2 * vel + (1 - b2) * g * g
+            mhat, vhat = mom / (1 - b1 ** k), vel / (1 - b2 ** k)
+            z = z - self.lr * mhat / (torch.sqrt(vhat) + self.eps)
+            phik, g = self.evaluate(z, fr)
+            better = torch.isfinite(phik) & (phik < best_phi)
+            best_z = torch.where(lay.expand(better), z, best_z)
+            best_phi = torch.where(better, phik, best_phi)
+        return best_z, best_phi
+
+    def _torch_lbfgs(self, z0: Tensor, phi0: Tensor, fr: _Frozen) -> tuple[Tensor, Tensor]:
+        """``torch.optim.LBFGS`` on sum_t phi_t, then a per-layer safeguard.
+
+        Host decisions: torch's strong-Wolfe line search and its stopping tests read
+        tensor values on the host; this option exists as a reference for ``lbfgs``.
+        """
+        lay = self.layout
+        zt = z0.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([zt], lr=self.lr, max_iter=self.inner_iters,
+                                max_eval=self.inner_iters, history_size=self.history,
+                                tolerance_grad=0.0, tolerance_change=0.0,
+                                line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            phi, grad = self.evaluate(zt.detach(), fr)
+            zt.grad = grad
+            return phi.sum()
+
+        opt.step(closure)
+        z = zt.detach()
+        phi, _ = self.evaluate(z, fr, need_grad=False)
+        ok = torch.isfinite(phi) & (phi <= phi0)
+        return torch.where(lay.expand(ok), z, z0), torch.where(ok, phi, phi0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        # Each outer step starts its inner solver afresh, so the step count is all the state.
+        return {**super().state_dict(), "evaluations": self.evaluations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.evaluations = int(state.get("evaluations", 0))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(problem={self.problem.name}, rho={self.rho_schedule!r}, "
+                f"inner={self.inner}x{self.inner_iters}, lr={self.lr:g}, steps={self.steps})")
+
+
+class MSA(EMSA):
+    """The basic method of successive approximations: u_t <- argmax_u H_t (E-MSA, rho = 0).
+
+    It can diverge: the maximiser of H_t may leave the region where the frozen states
+    and costates describe the network (``examples/msa_divergence.py``).
+    """
+
+    name = "msa"
+
+    def __init__(self, problem: Problem, *, inner: str = "lbfgs", inner_iters: int = 10,
+                 lr: float | None = None, history: int = 10, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 c1: float = 1e-4) -> None:
+        super().__init__(problem, 0.0, inner=inner, inner_iters=inner_iters, lr=lr,
+                         history=history, weight_decay=weight_decay, betas=betas, eps=eps, c1=c1)
+
+
+register("msa", lambda problem, lr=None, **kw: MSA(problem, lr=lr, **kw),
+         "basic method of successive approximations: maximise each layer's Hamiltonian")
+register("emsa", lambda problem, lr=None, **kw: EMSA(problem, lr=lr, **kw),
+         "extended MSA: maximise each layer's augmented Hamiltonian (penalty rho)")
