@@ -13,13 +13,16 @@ from .dwr import DWR, Level, doerfler, full_indicators, indicators
 from .gradient import DEFAULT_LR, OPTIMIZERS, GradientSolver
 from .ipopt import IpoptReference, QuadraticCost
 from .msa import EMSA, MSA, ConstantRho, GeometricRho, RhoSchedule
+from .novas import DCEM, NOVAS, UnrolledGD, dcem, novas, unrolled_gd
 from .port_hamiltonian import GoalBraking, PortHamiltonian, PortHamiltonianSolver
 
 __all__ = [
     "DEFAULT_LR",
+    "DCEM",
     "DWR",
     "EMSA",
     "MSA",
+    "NOVAS",
     "ConstantRho",
     "GeometricRho",
     "RhoSchedule",
@@ -36,9 +39,13 @@ __all__ = [
     "full_indicators",
     "indicators",
     "StepInfo",
+    "UnrolledGD",
+    "dcem",
     "make_solver",
+    "novas",
     "register",
     "solver_entry",
     "solver_names",
     "solver_summaries",
+    "unrolled_gd",
 ]
