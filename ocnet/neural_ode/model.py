@@ -269,6 +269,10 @@ class NeuralODE:
         for m in range(len(self.mesh)):
             u = self.controls[m]
 
+            # Host read kept: VectorField's contract is t: float (a field may use math/numpy
+            # on it, which a CUDA tensor would break), and torchdiffeq itself decides on the
+            # host (input checks, step acceptance), so integrate is an evaluation tool run
+            # between training steps, never inside a sweep (docs/device_audit.md).
             def rhs(t: Tensor, s: Tensor, u: Controls = u) -> Tensor:
                 return self.field(s, u, float(t))
 

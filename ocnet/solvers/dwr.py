@@ -264,6 +264,8 @@ class DWR:
             callback: Callable[[Level, NeuralODE], None] | None = None) -> list[Level]:
         """Train, estimate, mark, refine until the tolerance or the budget; returns the history.
         ``self.model`` is the final model; ``self.models`` every level's model."""
+        # The outer loop is host-side by nature (objective, estimate and marking are read
+        # between levels); the inner solver steps and the indicators stay on the device.
         model = self.model
         self.models = []
         classify = y is not None and not y.is_floating_point()

@@ -27,7 +27,8 @@ products, step sizes) are segment sums over that vector, so the layers are indep
 problems solved in one batch. Inner solvers:
 
 - ``lbfgs``: a batched L-BFGS with per-layer memory, scaling and an Armijo
-  accept/reject per layer (rejected layers halve their step); no host synchronisation.
+  accept/reject per layer (rejected layers backtrack to the minimiser of a quadratic
+  fit, within [0.1, 0.5] of the step); no host synchronisation.
 - ``gd``: the same with no memory: gradient ascent with a per-layer Armijo step.
 - ``adam``: Adam ascent; each layer keeps the best iterate it has seen.
 - ``torch-lbfgs``: ``torch.optim.LBFGS`` (strong Wolfe) over all controls at once,
@@ -125,6 +126,7 @@ class _Layout:
         self.seg = torch.repeat_interleave(
             torch.arange(self.L, device=ref.device),
             torch.tensor([sum(s) for s in sizes], device=ref.device),
+            output_size=self.numel,  # known: no device-to-host read of the repeats
         )
         self.sizes = sizes
 
@@ -388,12 +390,22 @@ class EMSA(Solver):
                 R[head] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
                 gamma = torch.where(good, sy / torch.where(good, yy, 1.0), gamma)
                 head, count = (head + 1) % m, count + 1
+            # accepted: back to the full step (L-BFGS) or twice the last one (gd). Rejected:
+            # the minimiser of the quadratic through phi(0), phi'(0) = gd and phi(tau),
+            # safeguarded to [0.1, 0.5] tau. (Halving alone needs log2(tau c gamma) inner
+            # iterations to reach a layer's step 1/(c gamma) when its curvature c is large;
+            # with few inner iterations every trial of such a layer was rejected and E-MSA
+            # stalled at a non-stationary point.)
+            grow = torch.ones_like(tau) if m else torch.clamp(2 * tau, max=1.0)
+            excess = phic - phi - tau * gd  # = c tau^2 |d|^2 / 2 on a quadratic
+            fit = torch.isfinite(excess) & (excess > 0)
+            t_q = -gd * tau * tau / (2 * torch.where(fit, excess, 1.0))
+            shrink = torch.where(fit, torch.minimum(torch.maximum(t_q, 0.1 * tau), 0.5 * tau),
+                                 0.5 * tau)
+            tau = torch.where(ok, grow, shrink)
             z = torch.where(okx, zc, z)
             g = torch.where(okx, gc, g)
             phi = torch.where(ok, phic, phi)
-            # accepted: back to the full step (L-BFGS) or twice the last one (gd)
-            grow = torch.ones_like(tau) if m else torch.clamp(2 * tau, max=1.0)
-            tau = torch.where(ok, grow, 0.5 * tau)
         return z, phi
 
     def _adam(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen) -> tuple[Tensor, Tensor]:

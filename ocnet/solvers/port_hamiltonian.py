@@ -355,6 +355,8 @@ class PortHamiltonian(torch.optim.Optimizer):
                   factor: Tensor | None, loss: Tensor | None) -> None:
         from torchdiffeq import odeint
 
+        # Host decisions inside torchdiffeq (input checks, adaptive step acceptance): the
+        # 'ode' integrator is the one port-Hamiltonian variant that waits for the device.
         items = [(g, q) for g in self.param_groups for q in g["params"]]
         if not items:
             return
