@@ -32,11 +32,12 @@ def main(smoke: bool = False) -> float:
     print("costate norms p_0..p_T:", [f"{float(p.norm()):.2e}" for p in traj.ps])
     g_pmp = flatten_controls(problem.gradients(x, y))
     g_autograd = objective_gradient(problem, x, y)
-    print(f"|g_pmp - g_autograd| / |g| = {float((g_pmp - g_autograd).norm() / g_autograd.norm()):.1e}")
+    rel = float((g_pmp - g_autograd).norm() / g_autograd.norm())
+    print(f"|g_pmp - g_autograd| / |g| = {rel:.1e}")
 
     solver = make_solver("adam", problem, lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    for epoch in range(2 if smoke else 20):
+    for _epoch in range(2 if smoke else 20):
         for xb, yb in batches(data.x_train, data.y_train, 32, generator=gen):
             info = solver.step(xb, yb)
     with torch.no_grad():

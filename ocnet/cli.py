@@ -268,9 +268,11 @@ def demo(out: Path, solver_list: str | None, epochs: int | None, seed: int, quic
 
 # ----------------------------------------------------------------------------- more commands
 # Commands defined elsewhere are added here with one line each.
+from .compare import compare  # noqa: E402
 from .neural_ode.adapt_cli import adapt  # noqa: E402
 
 cli.add_command(adapt)
+cli.add_command(compare)
 
 
 def main(argv: list[str] | None = None) -> None:

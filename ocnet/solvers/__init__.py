@@ -9,6 +9,8 @@ from .base import (
     solver_names,
     solver_summaries,
 )
+from .ddp import DDP
+from .ddpnopt import DDPNOpt
 from .dwr import DWR, Level, doerfler, full_indicators, indicators
 from .gradient import DEFAULT_LR, OPTIMIZERS, GradientSolver
 from .ipopt import IpoptReference, QuadraticCost
@@ -19,6 +21,8 @@ from .port_hamiltonian import GoalBraking, PortHamiltonian, PortHamiltonianSolve
 __all__ = [
     "DEFAULT_LR",
     "DCEM",
+    "DDP",
+    "DDPNOpt",
     "DWR",
     "EMSA",
     "MSA",
