@@ -443,6 +443,8 @@ class IpoptReference(Solver):
             iterations, slow final convergence).
         symbolic: how the NLP is written (see :func:`transcribe`): ``"MX"`` (default),
             ``"SX"`` or ``"map"``.
+        max_controls: refuse problems with more controls than this (the NLP is dense in
+            the controls; ``None`` lifts the limit).
         **ipopt_options: any other IPOPT option (e.g. ``mu_strategy="adaptive"``).
 
     ``step(x0, y)`` returns StepInfo with the objective and gradient norm at the start, and
@@ -455,8 +457,17 @@ class IpoptReference(Solver):
 
     def __init__(self, problem: Problem, lr: float | None = None, *, tol: float = 1e-10,
                  max_iter: int = 3000, print_level: int = 0, hessian: str = "exact",
-                 symbolic: str = "MX", **ipopt_options: Any) -> None:
+                 symbolic: str = "MX", max_controls: int | None = 3000,
+                 **ipopt_options: Any) -> None:
         super().__init__(problem)
+        n = problem.num_controls()
+        if max_controls is not None and n > max_controls:
+            raise ConfigError(
+                f"ipopt: the problem has {n} controls; the IPOPT reference transcribes the "
+                f"whole training problem into one dense NLP, which is too slow beyond "
+                f"max_controls={max_controls}. It is meant for small problems (a few hundred "
+                "controls); pass max_controls=None to insist"
+            )
         if hessian not in ("exact", "torch", "limited-memory"):
             raise ConfigError(
                 f"hessian must be 'exact', 'torch' or 'limited-memory', got {hessian!r}"
