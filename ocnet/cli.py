@@ -2,6 +2,7 @@
 
     ocnet train --data digits --model mlp --solver adam --epochs 20 --out runs/digits
     ocnet train --resume runs/digits --epochs 30
+    torchrun --nproc-per-node 2 -m ocnet train --solver adam --batch-size 64   (data parallel)
     ocnet solvers | ocnet datasets | ocnet demo --out runs/demo
 
 Every command runs inside :class:`OcnetGroup`, which turns an :class:`~ocnet.OcnetError`
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -206,6 +208,8 @@ def train(ctx: click.Context, resume: Path | None, out: Path | None, no_progress
         progress=not no_progress, keep_checkpoints=keep_checkpoints, overwrite=overwrite,
     )
     summary = run_train(config, resume=resume)
+    if summary.get("world_size", 1) > 1 and os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     click.echo(
         f"{summary['solver']} on {summary['data']} ({summary['model']}): "
         f"{summary['epochs']} epochs, {summary['steps']} steps, final train loss "

@@ -14,6 +14,12 @@ Files in ``config.out`` (when given)::
     checkpoints/       epoch_NNNN.pt, the newest ``keep_checkpoints`` kept
     loss.png           loss curves; for 2-D data also decision_boundary.png and,
                        for the resnet model, trajectories.png
+
+Data parallel: under ``torchrun --nproc-per-node N -m ocnet train ...`` (WORLD_SIZE > 1)
+every rank loads the same data and model (same seed; rank 0's parameters are broadcast),
+draws the same global batch order and trains on its equal shard of each global batch; the
+solver all-reduces its batch statistics (``solver.comm``), so the run equals a one-process
+run with the same global batch. Only rank 0 writes files. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -303,8 +309,28 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> dict[str, Any]:
         torch.set_num_threads(old_threads)
 
 
+#: config keys allowed to differ between ranks (paths and per-machine settings)
+RANK_LOCAL_KEYS = ("out", "progress", "device")
+
+
 def _train(config: TrainConfig, resume: Path | None) -> dict[str, Any]:
+    from .bridge import distributed as dp
+
+    created = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    comm = dp.init_from_env()
+    try:
+        if comm is not None:
+            dp.check_config_agreement(comm, config.to_dict(), ignore=RANK_LOCAL_KEYS)
+        return _train_ranked(config, resume, comm)
+    finally:
+        if comm is not None and created:
+            torch.distributed.destroy_process_group()
+
+
+def _train_ranked(config: TrainConfig, resume: Path | None, comm: Any) -> dict[str, Any]:
     t_start = time.perf_counter()
+    rank = 0 if comm is None else comm.rank
+    world = 1 if comm is None else comm.world_size
     state: dict[str, Any] | None = None
     resumed_from: Path | None = None
     if resume is not None:
@@ -334,19 +360,29 @@ def _train(config: TrainConfig, resume: Path | None) -> dict[str, Any]:
 
     out = None if config.out is None else Path(config.out)
     ckpt_dir = None if out is None else out / ckpt.CHECKPOINT_DIR
-    if out is not None:
+    write = out is not None and rank == 0  # only rank 0 writes files
+    refused: ConfigError | None = None
+    if write:
         out.mkdir(parents=True, exist_ok=True)
         if state is None and ckpt.find_checkpoints(out):
             if not config.overwrite:
-                raise ConfigError(
+                refused = ConfigError(
                     f"{out} already holds the checkpoints of a run; continue it with "
                     f"--resume {out}, choose another --out, or pass --overwrite"
                 )
-            for p in ckpt.find_checkpoints(out):
-                p.unlink()
+            else:
+                for p in ckpt.find_checkpoints(out):
+                    p.unlink()
+    if comm is not None and comm.any(refused is not None) and refused is None:
+        raise ConfigError(f"rank 0 refused the output directory {out} (see its error); "
+                          "use --resume, another --out or --overwrite")
+    if refused is not None:
+        raise refused
 
     # ---- set-up (seeded: the same seed gives the same data, weights and batches)
     device = resolve_device(config.device)
+    if comm is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's GPU
     dtype = DTYPES[config.dtype]
     torch.manual_seed(config.seed)
     ds = load(config.data, seed=config.seed, n_train=config.n_train, n_test=config.n_test,
@@ -361,6 +397,15 @@ def _train(config: TrainConfig, resume: Path | None) -> dict[str, Any]:
                                        device=device, dtype=dtype)
     problem.check(x_tr[: min(4, x_tr.shape[0])], y_tr[: min(4, x_tr.shape[0])])
     solver = make_solver(config.solver, problem, lr=config.lr, **config.solver_options)
+    if comm is not None:
+        if not getattr(solver, "supports_comm", False):
+            raise ConfigError(
+                f"solver {config.solver!r} does not support data parallelism (it needs the "
+                "whole batch in one process); run it without torchrun, or use sgd, momentum, "
+                "rmsprop, adam, ddpnopt, msa, emsa, phb or phb-goal"
+            )
+        _check_divisible(x_tr.shape[0], config.batch_size, world)
+        solver.comm = comm
     gen = torch.Generator(device="cpu")
     gen.manual_seed(config.seed)
 
@@ -384,12 +429,16 @@ def _train(config: TrainConfig, resume: Path | None) -> dict[str, Any]:
                 stacklevel=2,
             )
 
-    if out is not None:
+    if comm is not None:  # identical starting controls on every rank
+        comm.broadcast_(problem.parameters(), src=0)
+
+    if write:
         _write_json(out / "config.json", config.to_dict())
         _write_metrics(out / "metrics.csv", history)  # a resumed run drops later rows
 
     n_batches = -(-x_tr.shape[0] // config.batch_size)
-    bar = _progress_bar(n_batches * max(config.epochs - start_epoch, 0), config.progress,
+    bar = _progress_bar(n_batches * max(config.epochs - start_epoch, 0),
+                        config.progress and rank == 0,
                         f"{config.solver} on {config.data}")
     last_ckpt: Path | None = resumed_from
     deadline = None if config.max_seconds is None else time.perf_counter() + config.max_seconds
@@ -401,6 +450,8 @@ def _train(config: TrainConfig, resume: Path | None) -> dict[str, Any]:
             for step_in_epoch, (xb, yb) in enumerate(
                 batches(x_tr, y_tr, config.batch_size, generator=gen), start=1
             ):
+                if comm is not None:  # this rank's shard of the global batch
+                    xb, yb = dp_shard(xb, yb, rank, world)
                 info = solver.step(xb, yb)
                 loss = info.loss.detach()
                 losses.append(loss)
@@ -419,9 +470,13 @@ def _train(config: TrainConfig, resume: Path | None) -> dict[str, Any]:
                     )
                 if bar is not None:
                     bar.update(1)
-                if deadline is not None and time.perf_counter() > deadline:
-                    stopped = "time budget"
-                    break
+                if deadline is not None:
+                    late = time.perf_counter() > deadline
+                    if comm is not None:  # every rank must stop at the same step
+                        late = comm.any(late)
+                    if late:
+                        stopped = "time budget"
+                        break
             train_seconds = time.perf_counter() - t0
             # Epoch end: the one place tensors are read to the host.
             train_loss = float(torch.stack(losses).mean())
@@ -440,7 +495,7 @@ def _train(config: TrainConfig, resume: Path | None) -> dict[str, Any]:
             if bar is not None:
                 bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4g}",
                                 test_acc=f"{row['test_accuracy']:.3f}")
-            if out is not None:
+            if write:
                 _append_metrics(out / "metrics.csv", row)
                 complete = len(losses) == n_batches  # an epoch cut short is not checkpointed
                 if complete and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
@@ -490,11 +545,32 @@ def _train(config: TrainConfig, resume: Path | None) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - t_start,
         "config": config.to_dict(),
     }
-    if out is not None:
+    if comm is not None:
+        summary["world_size"] = world
+    if write:
         _write_json(out / "summary.json", summary)
         if config.plots:
             _write_plots(out, history, problem, ds, config, x_te, y_te)
     return {**summary, "history": history, "problem": problem}
+
+
+def _check_divisible(n_train: int, batch_size: int, world: int) -> None:
+    """Every global batch of an epoch (the last one may be shorter) must split evenly."""
+    sizes = {batch_size} | ({n_train % batch_size} if n_train % batch_size else set())
+    bad = sorted(b for b in sizes if b % world)
+    if bad:
+        raise ConfigError(
+            f"global batches of {bad} samples do not divide among {world} ranks (n_train "
+            f"{n_train}, batch size {batch_size}); choose --batch-size divisible by {world} "
+            f"and --n-train with n_train mod batch_size divisible by {world}"
+        )
+
+
+def dp_shard(x: Tensor, y: Tensor, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    from .bridge.distributed import shard
+
+    xs, ys = shard(x, y, rank, world)
+    return xs, ys  # type: ignore[return-value]
 
 
 def _write_plots(out: Path, history: list[dict[str, Any]], problem: Problem, ds: Any,

@@ -41,6 +41,11 @@ class Solver(abc.ABC):
 
     #: the registry key (``--solver NAME``)
     name: str = "solver"
+    #: whether the solver all-reduces its batch statistics through ``comm`` (data parallel)
+    supports_comm: bool = False
+    #: a data-parallel communicator (``ocnet.bridge.distributed.Comm``) or None (one
+    #: process: every reduction below is the identity and nothing changes)
+    comm: Any = None
 
     def __init__(self, problem: Problem) -> None:
         if not isinstance(problem, Problem):
@@ -62,6 +67,24 @@ class Solver(abc.ABC):
         info.seconds = time.perf_counter() - start
         self.steps += 1
         return info
+
+    def reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The mean over data-parallel ranks of batch-mean tensors (identity without comm)."""
+        if self.comm is None:
+            return tensors
+        return self.comm.all_reduce_mean(tensors)
+
+    def reduce_grads(self, loss: Tensor, grads: list[tuple[Tensor, ...]]
+                     ) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
+        """J and per-stage dJ/du averaged over the ranks in one collective (identity alone)."""
+        if self.comm is None:
+            return loss, grads
+        flat = self.comm.all_reduce_mean([loss] + [g for gs in grads for g in gs])
+        out, k = [], 1
+        for gs in grads:
+            out.append(tuple(flat[k:k + len(gs)]))
+            k += len(gs)
+        return flat[0], out
 
     def state_dict(self) -> dict[str, Any]:
         """The solver's own state (not the controls), for checkpoints."""

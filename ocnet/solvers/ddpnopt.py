@@ -36,6 +36,12 @@ gradients while the feedback is a sum of per-sample terms)::
 Defaults: gain="auto", vxx_reg=1, trust=0.3 (the literal paper policy is gain=1, vxx_reg=0,
 trust=0; it diverges at large learning rates, see docs/ddp.md).
 
+Data parallel (``comm`` set; W ranks, equal shards of B_l = B/W samples): every sum above
+carries the 1/B_l of the local mean (delta, the eps_v r / B_l term, the gain's means), so
+each is a local batch mean and the global one is their mean over ranks: J, Q_u, the
+feedback weight-gradient per stage, the gain's numerator and denominator, and the
+Kronecker factors A, G are all-reduced (mean); c_i = B_l g^i.dx^i stays per-sample.
+
 With ``feedback=False`` the step is exactly the base optimizer (torch.optim for sgd,
 momentum, rmsprop, adam). Derivation, scaling and the joint-batch view: docs/ddp.md.
 """
@@ -203,6 +209,7 @@ class DDPNOpt(Solver):
     """
 
     name = "ddpnopt"
+    supports_comm = True
 
     def __init__(self, problem: Problem, lr: float | None = None, *, base: str = "adam",
                  feedback: bool = True, gain: float | str = "auto", gain_max: float = 1.0,
@@ -345,6 +352,7 @@ class DDPNOpt(Solver):
         zeta = zeta.transpose(1, -1).reshape(-1, zeta.shape[1]) if sp.kind == "conv" else \
             zeta.reshape(-1, zeta.shape[-1])
         G = zeta.T @ zeta / B  # noqa: N806
+        A, G = self.reduce_mean([A, G])  # noqa: N806 - data parallel: means over ranks
         if "A" not in st:
             st["A"], st["G"] = A, G
         else:
@@ -417,6 +425,7 @@ class DDPNOpt(Solver):
                     r = sp.lin(sp.pre(xhat) - rec.a, (rec.w_old,), bias=False)
                     cot.add_(r, alpha=self.vxx_reg / B)
                 wg = sp.weight_grad(rec.a, cot, stage.controls[0].shape)
+                wg = tuple(self.reduce_mean(list(wg)))  # a local batch mean per rank
                 d = self._precondition(t, wg, P)  # d_t = -this
                 gamma = self._gain(sp, rec, d, c, r, B, x0)
                 if self.trust > 0:  # |gamma d| <= trust |k|
@@ -435,7 +444,8 @@ class DDPNOpt(Solver):
             if stage.controls:
                 moved = True
             xhat = stage.f(xhat, stage.controls)
-        return self.problem.terminal(xhat, y), gains
+        (phi,) = self.reduce_mean([self.problem.terminal(xhat, y)])
+        return phi, gains
 
     def _gain(self, sp: LayerSplit, rec: _Record, d: tuple[Tensor, ...], c: Tensor,
               r: Tensor | None, B: int, like: Tensor) -> Tensor:  # noqa: N803
@@ -449,11 +459,14 @@ class DDPNOpt(Solver):
         if r is not None:
             num = num + self.vxx_reg * (r * q).sum() / B
             den = den + self.vxx_reg * (q * q).sum() / B
+        if self.comm is not None:  # both are local batch means
+            num, den = self.reduce_mean([num, den])
         gamma = num / den  # = -(mean c s + eps mean r.q) / (mean s^2 + eps mean q.q) for d_t
         return torch.nan_to_num_(gamma, 0.0, 0.0, 0.0).clamp_(0.0, self.gain_max)
 
     def _step(self, x0: Tensor, y: Tensor | None) -> StepInfo:
         J, grads, records, xs = self._forward_backward(x0, y)  # noqa: N806
+        J, grads = self.reduce_grads(J, grads)  # noqa: N806 - data parallel: mean over ranks
         self._base_step(grads, records)
         extra: dict[str, Any] = {}
         if self.feedback:

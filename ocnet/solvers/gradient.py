@@ -4,6 +4,7 @@
     u  <- optimizer(u, g)                              (SGD, heavy ball, RMSprop, Adam)
 
 Weight decay belongs to the problem (a running cost), not to the optimizer.
+Data parallel (``comm`` set): J and g are averaged over the ranks before the update.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class GradientSolver(Solver):
         **options: passed to the ``torch.optim`` class (e.g. ``betas``, ``momentum``).
     """
 
+    supports_comm = True
+
     def __init__(self, problem: Problem, optimizer: str = "adam", lr: float | None = None,
                  **options: Any) -> None:
         super().__init__(problem)
@@ -55,6 +58,7 @@ class GradientSolver(Solver):
 
     def _step(self, x0: Tensor, y: Tensor | None) -> StepInfo:
         loss, grads, _ = self.problem.value_and_gradients(x0, y)
+        loss, grads = self.reduce_grads(loss, grads)  # data parallel: mean over ranks
         for stage, gs in zip(self.problem.stages, grads, strict=True):
             for u, g in zip(stage.controls, gs, strict=True):
                 u.grad = g

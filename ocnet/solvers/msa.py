@@ -34,6 +34,12 @@ problems solved in one batch. Inner solvers:
 - ``torch-lbfgs``: ``torch.optim.LBFGS`` (strong Wolfe) over all controls at once,
   followed by a per-layer safeguard; its line search decides on the host.
 
+Data parallel (``comm`` set; W ranks with equal shards): with the ``mean`` scaling every
+term of Htilde is a local batch mean (p carries 1/B_l), so J, dJ/du, Htilde and its
+gradient are all-reduced (mean) at every evaluation; with ``reference`` the penalty
+weights become (rho W/2, rho/(2W)) so that the mean over ranks is the global Htilde.
+All line-search decisions are then taken on identical reduced values on every rank.
+
 Every inner solver returns, per layer, a point whose Htilde is not below the starting
 one (recorded as ``htilde_before``/``htilde_after`` in ``StepInfo.extra``).
 """
@@ -187,6 +193,7 @@ class EMSA(Solver):
     """
 
     name = "emsa"
+    supports_comm = True
 
     def __init__(
         self,
@@ -249,6 +256,7 @@ class EMSA(Solver):
         problem, lay = self.problem, self.layout
         rho = self.rho()
         J, grads, traj = problem.value_and_gradients(x0, y, keep_costates=True)  # noqa: N806
+        J, grads = self.reduce_grads(J, grads)  # noqa: N806 - data parallel: mean over ranks
         ps = traj.ps
         assert ps is not None  # keep_costates=True fills them
         fr = _Frozen(
@@ -270,7 +278,7 @@ class EMSA(Solver):
                 h = (fr.p_out[k] * fr.x_out[k]).sum()
                 c = traj.running_costs[t]
                 h0.append(h if c is None else h - c)
-            phi0 = -torch.stack(h0)
+            (phi0,) = self.reduce_mean([-torch.stack(h0)])  # local batch means
             g0 = lay.flatten(grads)
             if self.weight_decay:
                 phi0 = phi0 + 0.5 * self.weight_decay * lay.seg_sum(z0 * z0)
@@ -301,7 +309,11 @@ class EMSA(Solver):
         """The factors of sum_i |dx^i|^2 and sum_i |dp^i|^2 in Htilde (see ``scaling``)."""
         if self.scaling == "mean":
             return 0.5 * rho / batch, 0.5 * rho * batch
-        return 0.5 * rho, 0.5 * rho
+        w = 1 if self.comm is None else self.comm.world_size
+        if w == 1:
+            return 0.5 * rho, 0.5 * rho
+        # sum over ranks of |dx|^2 (x W after the mean) and p carrying 1/B_l = W/B (/ W^2)
+        return 0.5 * rho * w, 0.5 * rho / w
 
     def evaluate(self, z: Tensor, fr: _Frozen, need_grad: bool = True
                  ) -> tuple[Tensor, Tensor | None]:
@@ -339,7 +351,13 @@ class EMSA(Solver):
                 (grad,) = torch.autograd.grad(phi.sum(), z, allow_unused=True)
                 if grad is None:
                     grad = torch.zeros_like(z)
-        return phi.detach(), grad
+        phi = phi.detach()
+        if self.comm is not None:  # data parallel: phi and its gradient are batch means
+            if grad is None:
+                (phi,) = self.reduce_mean([phi])
+            else:
+                phi, grad = self.reduce_mean([phi, grad])
+        return phi, grad
 
     # ------------------------------------------------------------------ inner solvers
     def _lbfgs(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen, history: int | None

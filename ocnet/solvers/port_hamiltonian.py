@@ -438,6 +438,8 @@ class PortHamiltonianSolver(Solver):
     and, with a schedule, ``phase`` (events fired so far) and ``smoothed_loss``: tensors.
     """
 
+    supports_comm = True
+
     def __init__(self, problem: Problem, lr: float | None = None, *,
                  schedule: BrakingSchedule | None = None, name: str = "phb",
                  **options: Any) -> None:
@@ -459,6 +461,8 @@ class PortHamiltonianSolver(Solver):
 
         def closure() -> Tensor:
             loss, grads, _ = self.problem.value_and_gradients(x0, y)
+            # data parallel: the loss (which drives braking) and the force are global means
+            loss, grads = self.reduce_grads(loss, grads)
             for stage, gs in zip(self.problem.stages, grads, strict=True):
                 for u, g in zip(stage.controls, gs, strict=True):
                     u.grad = g
