@@ -507,7 +507,36 @@ class _ArgminLayer(nn.Module):
         return lambda Y: self.energy(x, Y)  # noqa: N803
 
 
-class NOVAS(_ArgminLayer):
+class _SearchLayer(_ArgminLayer):
+    """A layer searching with a Gaussian from ``mu0``/``sigma0`` (NOVAS, DCEM)."""
+
+    sigma0: float | Tensor
+    options: dict[str, object]
+
+    @staticmethod
+    def _search(*args: object, **kwargs: object) -> SearchResult:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: Tensor,
+        mu0: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        **overrides: object,
+    ) -> Tensor:
+        """The argmin for each element of the batch ``x``; ``overrides`` replace options."""
+        opts = {**self.options, **overrides}
+        res = self._search(
+            self._bind(x), self._start(x, mu0), self.sigma0, generator=generator, noise=noise,
+            **opts,
+        )
+        self.last_result = res
+        return res.y
+
+
+class NOVAS(_SearchLayer):
     """``y = argmin_y energy(x, y)`` by NOVAS (see :func:`novas` for the options).
 
     ``energy(x, Y)`` takes the layer input ``x`` (batch first) and candidates ``Y`` of shape
@@ -515,6 +544,8 @@ class NOVAS(_ArgminLayer):
     this layer's parameters. Defaults are the public code's (mu0 0, sigma0 10, 100 samples,
     10 iterations, exponential shape, kappa 1, last iteration differentiated).
     """
+
+    _search = staticmethod(novas)
 
     def __init__(
         self,
@@ -547,27 +578,12 @@ class NOVAS(_ArgminLayer):
             check_every=check_every, differentiate=differentiate,
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        mu0: Tensor | None = None,
-        *,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        **overrides: object,
-    ) -> Tensor:
-        """The argmin for each element of the batch ``x``; ``overrides`` replace options."""
-        opts = {**self.options, **overrides}
-        res = novas(
-            self._bind(x), self._start(x, mu0), self.sigma0, generator=generator, noise=noise,
-            **opts,
-        )
-        self.last_result = res
-        return res.y
 
 
-class DCEM(_ArgminLayer):
+class DCEM(_SearchLayer):
     """``y = argmin_y energy(x, y)`` by the differentiable cross-entropy method (:func:`dcem`)."""
+
+    _search = staticmethod(dcem)
 
     def __init__(
         self,
@@ -591,23 +607,6 @@ class DCEM(_ArgminLayer):
             n_samples=n_samples, n_elite=n_elite, n_iter=n_iter, temperature=temperature,
             normalize=normalize, var_floor=var_floor, tol=tol, check_every=check_every,
         )
-
-    def forward(
-        self,
-        x: Tensor,
-        mu0: Tensor | None = None,
-        *,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-        **overrides: object,
-    ) -> Tensor:
-        opts = {**self.options, **overrides}
-        res = dcem(
-            self._bind(x), self._start(x, mu0), self.sigma0, generator=generator, noise=noise,
-            **opts,
-        )
-        self.last_result = res
-        return res.y
 
 
 class UnrolledGD(_ArgminLayer):
