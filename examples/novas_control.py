@@ -13,13 +13,14 @@ Dynamics (the classic gym pendulum, semi-implicit Euler, dt = 0.05, g = 10, m = 
 
     omega' = omega + (3 g / (2 l) sin theta + 3 / (m l^2) u) dt,   theta' = theta + omega' dt
 
-Usage: python examples/novas_control.py [--quick]
+Usage: python examples/novas_control.py [--quick | --smoke]   (OCNET_SMOKE=1 = --smoke)
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -152,12 +153,16 @@ def closed_loop(controller, x0, T):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--horizon", type=int, default=None, help="default 30 (quick: 20)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a few seconds' run for CI (also with OCNET_SMOKE=1)")
+    ap.add_argument("--horizon", type=int, default=None,
+                    help="default 30 (quick: 20, smoke: 10)")
     args = ap.parse_args(argv)
+    smoke = args.smoke or os.environ.get("OCNET_SMOKE") == "1"
     torch.set_num_threads(1)
-    T = 40 if args.quick else 150
-    seeds = [0] if args.quick else [0, 1, 2]
-    H = args.horizon or (20 if args.quick else 30)
+    T = 12 if smoke else 40 if args.quick else 150
+    seeds = [0] if (args.quick or smoke) else [0, 1, 2]
+    H = args.horizon or (10 if smoke else 20 if args.quick else 30)
     x0 = torch.tensor([math.pi - 0.05, 0.0], dtype=F64)  # hanging down, slightly off
     rows = []
     nov = [closed_loop(NovasMPC(H, seed=s), x0, T) for s in seeds]
@@ -165,8 +170,9 @@ def main(argv=None):
     rows.append(("gradient-descent MPC (Adam lr 0.1, 20 iterations)",
                  [closed_loop(GradientMPC(H), x0, T)]))
     if DDP is not None:
-        rows.append(("ocnet DDP-MPC (3 DDP iterations per step)",
-                     [closed_loop(DDPMPC(H), x0, T)]))
+        n_ddp = 1 if smoke else 3
+        rows.append((f"ocnet DDP-MPC ({n_ddp} DDP iteration{'s' if n_ddp > 1 else ''} per step)",
+                     [closed_loop(DDPMPC(H, n_iter=n_ddp), x0, T)]))
     else:
         print("ocnet.solvers.ddp.DDP is not available: compared with gradient-descent MPC only")
     base = np.mean([r[2] for r in nov])

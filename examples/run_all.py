@@ -27,15 +27,19 @@ HERE = Path(__file__).resolve().parent
 #: example stem -> (smoke arguments, full arguments); ``{out}`` is the example's directory
 ARGS: dict[str, tuple[list[str], list[str]]] = {
     "01_network_as_control_system": (["--smoke"], []),
+    "02_backprop_is_pmp": (["--smoke", "--out", "{out}"], ["--out", "{out}"]),
+    "03_ddpnopt_digits": (["--smoke", "--out", "{out}"], ["--out", "{out}"]),
+    "05_adaptive_neural_ode": (["--smoke", "--out", "{out}"], ["--out", "{out}"]),
     "exact_optimum": (["--quick", "--out", "{out}"], ["--out", "{out}"]),
     "goal_oriented_momentum": (["--epochs", "2", "--out", "{out}"], ["--out", "{out}"]),
     "msa_divergence": (["--iters", "5", "--out", "{out}/msa_divergence.png"],
                        ["--out", "{out}/msa_divergence.png"]),
-    "novas_control": (["--quick"], []),
+    "novas_control": (["--smoke"], []),
 }
-#: the gallery order (examples not listed follow in name order)
-ORDER = ["01_network_as_control_system", "exact_optimum", "goal_oriented_momentum",
-         "msa_divergence", "novas_control"]
+#: the gallery order (examples not listed follow in name order): the issue's sequence
+ORDER = ["01_network_as_control_system", "02_backprop_is_pmp", "03_ddpnopt_digits",
+         "msa_divergence", "goal_oriented_momentum", "05_adaptive_neural_ode",
+         "novas_control", "exact_optimum"]
 
 
 def examples(only: list[str] | None = None) -> list[Path]:

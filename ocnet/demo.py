@@ -1,147 +1,88 @@
-"""The default experiment (``ocnet demo`` / ``make demo``).
+"""The default experiment (``ocnet demo`` / ``make demo``): the comparison on DIGITS.
 
-1. DIGITS (8x8 images, 10 classes) with the MLP, trained by every registered solver that
-   applies to the problem (or the ones given), a few epochs each, same seed and batches.
-   A solver whose factory raises ConfigError for this problem is skipped and the reason
-   printed. Results: a markdown table (final train loss, test accuracy, seconds per step
-   as a ratio to Adam measured in the same run) printed and written to ``OUT/results.md``,
-   and all loss curves on one log-scale plot ``OUT/digits_loss.png``.
+1. DIGITS (8x8 images, 10 classes) in two settings of ``ocnet compare`` -- ``mlp-digits``
+   (3 dense layers 64-64-64-10, tanh) and ``cnn-digits`` (2 conv 3x3 x16 + 2 dense) --
+   trained by every registered solver (or the ones given), one seed, the same initial
+   weights and batches for every solver, each for a few epochs within a time budget
+   (``budget`` seconds of training per solver and setting).
+   Learning rates: each solver's own default, except the gradient baselines on the MLP
+   (``DEMO_LR``, tuned by a small sweep). ``ipopt`` is not run (``ocnet.compare.SKIP``:
+   the dense NLP is far too slow at this size); a solver whose factory raises
+   ConfigError for a problem (vanilla ``ddp`` beyond 1500 controls per stage) is skipped,
+   with the reason in the table. Results: a markdown table per setting (final training
+   loss, test accuracy, seconds per step as a ratio to Adam measured in the same run)
+   printed and written to ``OUT/results.md`` (and ``results.json``), and the loss curves
+   of all solvers on a log scale, ``OUT/digits_loss.png`` (one panel per setting).
 2. Two interleaved spirals with the ResNet (x + h tanh(W x + b) blocks: explicit Euler of
    a neural ODE) and Adam: ``OUT/spirals/decision_boundary.png`` and
    ``OUT/spirals/trajectories.png``, the points moved by the control system.
+
+Every DIGITS run is :func:`ocnet.compare.run_one` in a forked child that is killed
+``grace`` seconds after its budget if a single step (or the solver's set-up) overruns it,
+so no registered solver can stall the demo.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
-import multiprocessing as mp
+import json
+import math
 import os
-import pickle
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .ocp.errors import ConfigError, OcnetError
+from .compare import SETTINGS, SKIP, build_setting, run_isolated, run_one
 from .train import TrainConfig, train
 
-__all__ = ["DEMO_LR", "run_demo"]
+__all__ = ["DEMO_LR", "DEMO_SETTINGS", "run_demo"]
 
-#: learning rates for DIGITS + MLP (2 x 64 tanh, batch 32, 10 epochs), picked from a quick
-#: sweep over seeds 0 and 1 (best mean test accuracy); other solvers use their own default.
+#: the comparison settings the demo runs
+DEMO_SETTINGS = ("mlp-digits", "cnn-digits")
+#: learning rates for mlp-digits (batch 32, 10 epochs), picked from a quick sweep over
+#: seeds 0 and 1 (best mean test accuracy); other solvers and the CNN use each solver's
+#: own default
 DEMO_LR: dict[str, float] = {"sgd": 0.5, "momentum": 0.05, "rmsprop": 1e-3, "adam": 3e-3}
 DIGITS_EPOCHS = 10
-#: each solver's DIGITS run stops after this many seconds of training (between steps) so
-#: the demo stays under 3 minutes with slow (second-order, sampling) solvers registered
+#: seconds of training per solver and setting on DIGITS (checked between steps), so the
+#: demo stays under 3 minutes with slow (second-order, sampling) solvers
 DIGITS_SECONDS = 10.0
-#: a solver's child process is killed this long after its budget (set-up + one long step)
+#: a run's child process is killed this long after its budget (set-up + one long step)
 GRACE_SECONDS = 10.0
-STARTUP_SECONDS = 180.0
 SPIRAL_EPOCHS = 30
 SPIRAL_LR = 1e-2
 
 
-def _warm_up(threads: int | None) -> None:
-    """An untimed tiny run: the first steps of a process pay for lazy initialisation."""
+def _warm_up() -> None:
+    """An untimed tiny run in this process: forked children inherit the lazily initialised
+    state, so the first solver (Adam, the time reference) does not pay for it."""
     from .solvers import solver_names
 
     names = solver_names()
-    train(TrainConfig(data="digits", model="mlp", solver="adam" if "adam" in names else names[0],
-                      epochs=1, n_train=256, out=None, progress=False, plots=False,
-                      threads=threads))
+    run_one(SETTINGS["mlp-digits"], "adam" if "adam" in names else names[0], 1.0, 0, 1,
+            n_train=128)
+    build_setting(SETTINGS["cnn-digits"], 0, 128)
 
 
-def _outcome(cfg: TrainConfig) -> tuple[str, dict[str, Any] | None]:
-    """Train; ("ok", summary) or (a one-line status, None)."""
-    try:
-        s = train(cfg)
-    except ConfigError as err:  # the solver does not apply to this problem
-        return f"skipped: {err}", None
-    except OcnetError as err:  # e.g. TrainingDiverged
-        return f"failed: {err}", None
-    s.pop("problem", None)
-    return "ok", s
+def _lr_factor(setting: str, solver: str) -> float:
+    """lr multiplier of :func:`run_one` that turns the solver's default into ``DEMO_LR``."""
+    if setting != "mlp-digits" or solver not in DEMO_LR:
+        return 1.0
+    from .solvers.gradient import DEFAULT_LR
 
-
-def _run_here(cfg: TrainConfig, hard_limit: float | None) -> tuple[str, dict[str, Any] | None]:
-    _warm_up(cfg.threads)
-    return _outcome(cfg)
-
-
-def _child(cfg: dict[str, Any], modules: list[str], extra: tuple | None, conn: Any) -> None:
-    try:
-        for m in modules:  # solvers registered outside ocnet.solvers' own imports
-            importlib.import_module(m)
-        if extra is not None:  # a solver registered at run time (picklable factory)
-            from .solvers import register
-
-            register(*extra)
-        _warm_up(cfg.get("threads"))
-        conn.send(("ready", None))
-        conn.send(_outcome(TrainConfig.from_dict(cfg)))
-    except Exception as err:  # report anything to the parent instead of dying silently
-        conn.send((f"failed: {type(err).__name__}: {err}", None))
-    finally:
-        conn.close()
-
-
-def _solver_modules() -> list[str]:
-    from .solvers import base
-
-    mods = {getattr(base.solver_entry(n)[0], "__module__", None) for n in base.solver_names()}
-    return sorted(m for m in mods if m and m != "__main__")
-
-
-def _run_isolated(cfg: TrainConfig,
-                  hard_limit: float | None) -> tuple[str, dict[str, Any] | None]:
-    """Train in a child process; kill it ``hard_limit`` s after it is ready to train."""
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-    modules = _solver_modules()
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["ocnet.train", "torch._dynamo", *modules])
-    from .solvers import base
-
-    extra = None
-    factory, summary = base.solver_entry(cfg.solver)
-    try:
-        pickle.dumps(factory)
-        extra = (cfg.solver, factory, summary)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        pass  # e.g. a lambda: the child registers it by importing its module
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(cfg.to_dict(), modules, extra, send), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        if not recv.poll(STARTUP_SECONDS):
-            return f"failed: the worker did not start within {STARTUP_SECONDS:g} s", None
-        status, _ = recv.recv()
-        if status != "ready":
-            return status, None
-        if not recv.poll(hard_limit):
-            return (f"timed out: no result {hard_limit:g} s into training (set-up or one step "
-                    "takes longer than the budget; run it alone with ocnet train)"), None
-        return recv.recv()
-    except EOFError:
-        proc.join(5)
-        return f"failed: the worker process died (exit code {proc.exitcode})", None
-    finally:
-        if proc.is_alive():
-            proc.kill()  # our own child, by handle
-        proc.join(10)
-        recv.close()
+    return DEMO_LR[solver] / DEFAULT_LR[solver] if solver in DEFAULT_LR else 1.0
 
 
 def _fmt(v: Any, spec: str) -> str:
-    return "n/a" if v is None else format(v, spec)
+    ok = v is not None and not (isinstance(v, float) and not math.isfinite(v))
+    return format(v, spec) if ok else "n/a"
 
 
 def _table(rows: list[dict[str, Any]], ref: float | None) -> str:
+    """One setting's rows: solver, lr, epochs, steps, loss, accuracy, s/step vs Adam."""
     lines = [
         "| solver | lr | epochs | steps | final train loss | test accuracy "
         "| seconds/step vs adam |",
@@ -149,16 +90,55 @@ def _table(rows: list[dict[str, Any]], ref: float | None) -> str:
     ]
     for r in rows:
         if r.get("status") != "ok":
+            status = r["status"]
+            if status == "diverged" and r.get("curve"):
+                status += f" (non-finite training loss after epoch {len(r['curve']) - 1})"
             lines.append(f"| {r['solver']} | {_fmt(r.get('lr'), '.3g')} | - | - | - | - | "
-                         f"{r['status']} |")
+                         f"{status} |")
             continue
-        ratio = (r["seconds_per_step"] / ref) if ref else None
+        ratio = (r["seconds_per_epoch"] / ref) if ref and r.get("seconds_per_epoch") else None
         cut = "*" if r.get("stopped") else ""
         lines.append(
-            f"| {r['solver']} | {_fmt(r['lr'], '.3g')} | {r['epochs']}{cut} | {r['steps']} | "
-            f"{r['final_train_loss']:.4g} | {r['test_accuracy']:.4f} | {_fmt(ratio, '.2f')} |"
+            f"| {r['solver']} | {_fmt(r.get('lr'), '.3g')} | {r['epochs']}{cut} | "
+            f"{_fmt(r.get('steps'), 'd')} | {r['final_train_loss']:.4g} | "
+            f"{r['test_metric']:.4f} | {_fmt(ratio, '.2f')} |"
         )
     return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], settings: list[str], path: Path, seed: int) -> Path:
+    """Training loss per epoch of every solver, one log-scale panel per setting."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    solvers = sorted({r["solver"] for r in rows})
+    cmap = matplotlib.colormaps["tab10" if len(solvers) <= 10 else "tab20"]
+    color = {n: cmap(i % cmap.N) for i, n in enumerate(solvers)}
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings) + 1.8, 4.2),
+                             dpi=100, squeeze=False)
+    for ax, s in zip(axes[0], settings, strict=True):
+        ok = [r for r in rows if r["setting"] == s and r["status"] == "ok"]
+        starts = [r["curve"][0] for r in ok]
+        for r in ok:
+            ax.plot(range(len(r["curve"])), r["curve"], "-o", ms=2.5, color=color[r["solver"]],
+                    label=f"{r['solver']} (lr {r['lr']:.2g})" if r.get("lr") else r["solver"])
+        ax.set_yscale("log")
+        if starts:  # a diverged run must not squash the others: cut at 10x the start
+            ax.set_ylim(top=10 * max(starts))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{s}: {SETTINGS[s].description}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("training loss (full training set), log scale")
+    fig.suptitle(f"DIGITS: every solver, seed {seed}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def run_demo(
@@ -173,65 +153,77 @@ def run_demo(
     grace: float = GRACE_SECONDS,
     isolate: bool = True,
     spirals: bool = True,
+    settings: list[str] | tuple[str, ...] = DEMO_SETTINGS,
 ) -> dict[str, Any]:
-    """Run the demo; returns ``{"rows": [...], "table": str, "spirals": summary}``.
+    """Run the demo; returns ``{"rows", "table", "tables", "spirals", "seconds"}``.
 
-    ``budget``: seconds of training per solver on DIGITS (None: no limit); a run cut short
-    is marked in the table. ``threads``: torch CPU threads (default 1: these models are
-    tiny, and extra intra-op threads made the demo 6x slower on a busy 2-core machine;
-    None keeps torch's setting). ``spirals``: also run part 2. ``isolate``: train each
-    solver in a child process that is
-    killed ``grace`` seconds after its budget if a single step (or the solver's set-up)
-    overruns it -- a registered solver cannot stall the demo.
+    ``solvers``: default every registered solver but those in ``ocnet.compare.SKIP``
+    (listed with the reason). ``budget``: seconds of training per solver and setting on
+    DIGITS (None: no limit); a run cut short is marked ``*``.
+    ``threads``: torch CPU threads (default 1: these models are tiny, and extra intra-op
+    threads made the demo 6x slower on a busy 2-core machine; None keeps torch's
+    setting). ``spirals``: also run part 2. ``isolate``: each run in a forked child killed
+    ``grace`` seconds after its budget (the set-up or a single step overran it).
+    ``progress`` also shows the spirals run's progress bar.
     """
-    from . import plots
+    from .ocp.errors import unknown_name
     from .solvers import solver_names
 
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = solver_names() if solvers is None else list(solvers)
     valid = solver_names()
+    names = [n for n in valid if n not in SKIP] if solvers is None else list(solvers)
     unknown = [s for s in names if s not in valid]
     if unknown:
-        from .ocp.errors import unknown_name
-
         raise unknown_name("solver", unknown[0], valid)
+    settings = list(settings)
+    for s in settings:
+        if s not in SETTINGS:
+            raise unknown_name("setting", s, list(SETTINGS))
+    skipped = {n: SKIP[n] for n in valid if n in SKIP} if solvers is None else {}
     n_epochs = epochs or (3 if quick else DIGITS_EPOCHS)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    each = budget
 
+    limit = f" (at most {budget:g} s of training per run)" if budget else ""
+    print(f"ocnet demo: DIGITS ({', '.join(settings)}), {n_epochs} epochs per run{limit}, "
+          f"seed {seed}: {', '.join(names)}", flush=True)
+    for n, why in skipped.items():
+        print(f"  {n}: not run: {why}", flush=True)
+    _warm_up()
     rows: list[dict[str, Any]] = []
-    histories: dict[str, list[dict[str, Any]]] = {}
-    limit = f" (at most {budget:g} s of training each)" if budget else ""
-    print(f"ocnet demo: DIGITS + MLP, {n_epochs} epochs per solver{limit}, seed {seed}: "
-          f"{', '.join(names)}", flush=True)
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if isolate and not (main_file and os.path.isfile(main_file)):
-        isolate = False  # a child process cannot re-import a main module read from stdin
-    run = _run_isolated if isolate else _run_here
-    for name in names:
-        cfg = TrainConfig(data="digits", model="mlp", solver=name, epochs=n_epochs,
-                          lr=DEMO_LR.get(name), seed=seed, out=out / "digits" / name,
-                          overwrite=True, progress=progress, keep_checkpoints=1,
-                          threads=threads, max_seconds=budget)
-        hard = None if budget is None else budget + grace
-        status, s = run(cfg, hard)
-        if status != "ok":
-            print(f"  {name}: {status}", flush=True)
-            rows.append({"solver": name, "lr": cfg.lr, "status": status})
-            continue
-        histories[name] = s["history"]
-        rows.append({**{k: s[k] for k in ("solver", "lr", "epochs", "steps", "final_train_loss",
-                                          "test_accuracy", "seconds_per_step", "stopped")},
-                     "status": "ok"})
-        print(f"  {name:<10} loss {s['final_train_loss']:.4g}  test acc "
-              f"{s['test_accuracy']:.4f}  ({s['wall_seconds']:.1f} s)", flush=True)
+    for s in settings:
+        for name in names:
+            hard = None if (each is None or not isolate) else each + grace
+            r = run_isolated(SETTINGS[s], name, _lr_factor(s, name), seed, n_epochs, each, hard)
+            r.setdefault("setting", s)
+            r.setdefault("solver", name)
+            rows.append(r)
+            if r["status"] != "ok":
+                print(f"  {s:<10} {name}: {r['status']}", flush=True)
+            else:
+                print(f"  {s:<10} {name:<9} loss {r['final_train_loss']:.4g}  test acc "
+                      f"{r['test_metric']:.4f}  ({r['epochs']}{'*' if r['stopped'] else ''} "
+                      "epochs)", flush=True)
 
-    ref = next((r["seconds_per_step"] for r in rows
-                if r["solver"] == "adam" and r.get("status") == "ok"), None)
-    table = _table(rows, ref)
-    if histories:
-        plots.plot_losses(histories, out / "digits_loss.png",
-                          title=f"DIGITS, MLP: loss per epoch for each solver (seed {seed})")
+    tables: dict[str, str] = {}
+    winners: dict[str, str] = {}
+    for s in settings:
+        srows = [r for r in rows if r["setting"] == s]
+        ref = next((r.get("seconds_per_epoch") for r in srows
+                    if r["solver"] == "adam" and r["status"] == "ok"), None)
+        tables[s] = _table(srows, ref)
+        ok = [r for r in srows if r["status"] == "ok" and math.isfinite(r["final_train_loss"])]
+        if ok:
+            winners[s] = min(ok, key=lambda r: r["final_train_loss"])["solver"]
+    table = "\n\n".join(f"### {s}: {SETTINGS[s].description}\n\n{t}"
+                         for s, t in tables.items())
+    fig = None
+    if any(r["status"] == "ok" for r in rows):
+        fig = _plot(rows, settings, out / "digits_loss.png", seed)
+    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
 
     sp_epochs = 8 if quick else SPIRAL_EPOCHS
     sp: dict[str, Any] | None = None
@@ -243,6 +235,7 @@ def run_demo(
         sp.pop("problem", None)
     wall = time.perf_counter() - t_start
 
+    cut = any(r.get("stopped") for r in rows)
     header = (
         f"# ocnet demo\n\n"
         f"Date {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; seed {seed}; torch "
@@ -250,12 +243,17 @@ def run_demo(
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
         f"torch threads {threads or torch.get_num_threads()}.\n"
         f"Machine: a shared 2-core CPU box (timings are ratios within this run only).\n\n"
-        f"## DIGITS, MLP (2 x 64 tanh), batch 32, {n_epochs} epochs per solver\n\n"
-        f"Test accuracy on the 450-image test split; seconds/step is the solver's step "
-        f"wall time divided by Adam's in this run."
-        + (f" `*`: stopped by the time budget of {budget:g} s of training per solver "
-           "(the last epoch is partial)." if any(r.get("stopped") for r in rows) else "")
+        f"## DIGITS, every solver: batch 32, {n_epochs} epochs per run"
+        + (f", at most {each:g} s of training per run" if each else "") + "\n\n"
+        "Final train loss: the objective on the full training set after the last epoch; "
+        "test accuracy on the 450-image test split; seconds/step is the solver's step "
+        "wall time divided by Adam's in the same setting of this run. Learning rates: "
+        "each solver's default, the gradient baselines on the MLP at `DEMO_LR`."
+        + (" `*`: stopped by the time budget (the last epoch is partial)." if cut else "")
         + "\n\n"
+        + "".join(f"- `{k}` not run: {v}\n" for k, v in skipped.items())
+        + "".join(f"- {s}: lowest final training loss: **{w}**\n" for s, w in winners.items())
+        + "\n"
     )
     spiral_md = ""
     if sp is not None:
@@ -273,5 +271,6 @@ def run_demo(
     if sp is not None:
         print(f"\nspirals (resnet, adam): final train loss {sp['final_train_loss']:.4g}, "
               f"test accuracy {sp['test_accuracy']:.4f}; pictures in {out / 'spirals'}")
-    print(f"wrote {out / 'results.md'} and {out / 'digits_loss.png'} ({wall:.1f} s)")
-    return {"rows": rows, "table": table, "spirals": sp, "seconds": wall}
+    print(f"wrote {out / 'results.md'}" + (f" and {fig}" if fig else "") + f" ({wall:.1f} s)")
+    return {"rows": rows, "table": table, "tables": tables, "winners": winners,
+            "spirals": sp, "seconds": wall}
