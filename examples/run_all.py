@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python examples/run_all.py                 # smoke runs (CI)
     OMP_NUM_THREADS=1 python examples/run_all.py --full --figures docs/figures
-    python examples/run_all.py --only msa_divergence,exact_optimum
+    python examples/run_all.py --only 04_msa_divergence,08_exact_optimum
 
 Each example runs as its own process (``sys.executable``) with its working directory set
 to ``--out/<example>``, so figures it writes next to itself land there too; every PNG it
@@ -30,16 +30,16 @@ ARGS: dict[str, tuple[list[str], list[str]]] = {
     "02_backprop_is_pmp": (["--smoke", "--out", "{out}"], ["--out", "{out}"]),
     "03_ddpnopt_digits": (["--smoke", "--out", "{out}"], ["--out", "{out}"]),
     "05_adaptive_neural_ode": (["--smoke", "--out", "{out}"], ["--out", "{out}"]),
-    "exact_optimum": (["--quick", "--out", "{out}"], ["--out", "{out}"]),
-    "goal_oriented_momentum": (["--epochs", "2", "--out", "{out}"], ["--out", "{out}"]),
-    "msa_divergence": (["--iters", "5", "--out", "{out}/msa_divergence.png"],
+    "08_exact_optimum": (["--quick", "--out", "{out}"], ["--out", "{out}"]),
+    "06_goal_oriented_momentum": (["--epochs", "2", "--out", "{out}"], ["--out", "{out}"]),
+    "04_msa_divergence": (["--iters", "5", "--out", "{out}/msa_divergence.png"],
                        ["--out", "{out}/msa_divergence.png"]),
-    "novas_control": (["--smoke"], []),
+    "07_novas_control": (["--smoke"], []),
 }
 #: the gallery order (examples not listed follow in name order): the issue's sequence
 ORDER = ["01_network_as_control_system", "02_backprop_is_pmp", "03_ddpnopt_digits",
-         "msa_divergence", "goal_oriented_momentum", "05_adaptive_neural_ode",
-         "novas_control", "exact_optimum"]
+         "04_msa_divergence", "05_adaptive_neural_ode", "06_goal_oriented_momentum",
+         "07_novas_control", "08_exact_optimum"]
 
 
 def examples(only: list[str] | None = None) -> list[Path]:

@@ -258,7 +258,7 @@ def datasets() -> None:
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="torch CPU threads (0: torch's default)")
 @click.option("--budget", default=10.0, show_default=True, type=click.FloatRange(min=0),
-              help="seconds of training per solver on DIGITS (0: no limit)")
+              help="seconds of training per solver and setting on DIGITS (0: no limit)")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 def demo(out: Path, solver_list: str | None, epochs: int | None, seed: int, quick: bool,
          threads: int, budget: float, no_progress: bool) -> None:

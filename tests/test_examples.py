@@ -24,9 +24,9 @@ FIGURES = {
     "02_backprop_is_pmp": ["backprop_is_pmp.png"],
     "03_ddpnopt_digits": ["ddpnopt_vs_adam.png"],
     "05_adaptive_neural_ode": ["mesh.png", "accuracy.png", "trajectories.png"],
-    "exact_optimum": ["exact_optimum.png"],
-    "goal_oriented_momentum": ["energy_loss_events.png"],
-    "msa_divergence": ["msa_divergence.png"],
+    "08_exact_optimum": ["exact_optimum.png"],
+    "06_goal_oriented_momentum": ["energy_loss_events.png"],
+    "04_msa_divergence": ["msa_divergence.png"],
 }
 #: smoke runs too long for the default suite (seconds measured on the shared 2-core box)
 SLOW: dict[str, float] = {}
@@ -56,7 +56,7 @@ def test_run_all_knows_every_example_and_sets_the_smoke_convention(tmp_path):
     unknown = tmp_path / "zz_new_example.py"
     argv, env = run_all.command(unknown, tmp_path / "out", smoke=True)
     assert argv[1:] == [str(unknown)] and env["OCNET_SMOKE"] == "1"
-    argv, _ = run_all.command(ROOT / "examples" / "exact_optimum.py", tmp_path, smoke=False)
+    argv, _ = run_all.command(ROOT / "examples" / "08_exact_optimum.py", tmp_path, smoke=False)
     assert argv[2:] == ["--out", str(tmp_path)]
-    argv, _ = run_all.command(ROOT / "examples" / "exact_optimum.py", tmp_path, smoke=True)
+    argv, _ = run_all.command(ROOT / "examples" / "08_exact_optimum.py", tmp_path, smoke=True)
     assert argv[2:] == ["--quick", "--out", str(tmp_path)]

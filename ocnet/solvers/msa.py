@@ -485,7 +485,7 @@ class MSA(EMSA):
     """The basic method of successive approximations: u_t <- argmax_u H_t (E-MSA, rho = 0).
 
     It can diverge: the maximiser of H_t may leave the region where the frozen states
-    and costates describe the network (``examples/msa_divergence.py``).
+    and costates describe the network (``examples/04_msa_divergence.py``).
     """
 
     name = "msa"

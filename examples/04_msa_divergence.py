@@ -13,7 +13,7 @@ whose penalties keep the new controls where the frozen x and p are still valid.
 Left: a 4-stage linear-quadratic problem with a small control cost R (argmax H = R^-1 ...
 overshoots). Right: the sin(x) toy network of the E-MSA paper.
 
-    OMP_NUM_THREADS=1 python examples/msa_divergence.py [--out msa_divergence.png]
+    OMP_NUM_THREADS=1 python examples/04_msa_divergence.py [--out msa_divergence.png]
 """
 
 from __future__ import annotations

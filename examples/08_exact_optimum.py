@@ -13,7 +13,7 @@ decision regions of the exact optimum next to those gradient descent reached.
 Note: J* is a local optimum (the problem is not convex); the other solvers may end in
 another one, with a negative gap.
 
-    OMP_NUM_THREADS=1 python examples/exact_optimum.py [--quick] [--out DIR]
+    OMP_NUM_THREADS=1 python examples/08_exact_optimum.py [--quick] [--out DIR]
 """
 
 from __future__ import annotations

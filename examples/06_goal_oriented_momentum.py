@@ -5,7 +5,7 @@ x10 when the smoothed loss reaches 0.1 L_0 and 0.01 L_0) and plots, per step, th
 loss, its moving average, the energy H = a L + |p|^2/(2m) + c|q|^2 (batch loss) and the
 friction, with the braking events as vertical lines.
 
-    OMP_NUM_THREADS=1 python examples/goal_oriented_momentum.py --out runs/examples/phb
+    OMP_NUM_THREADS=1 python examples/06_goal_oriented_momentum.py --out runs/examples/phb
 """
 
 from __future__ import annotations

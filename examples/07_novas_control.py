@@ -13,7 +13,7 @@ Dynamics (the classic gym pendulum, semi-implicit Euler, dt = 0.05, g = 10, m = 
 
     omega' = omega + (3 g / (2 l) sin theta + 3 / (m l^2) u) dt,   theta' = theta + omega' dt
 
-Usage: python examples/novas_control.py [--quick | --smoke]   (OCNET_SMOKE=1 = --smoke)
+Usage: python examples/07_novas_control.py [--quick | --smoke]   (OCNET_SMOKE=1 = --smoke)
 """
 
 from __future__ import annotations
