@@ -162,11 +162,11 @@ def test_fast_path_equals_dense_reference(make, second_order):
 def test_ddp_decreases_loss_on_mlp_and_registers():
     problem, x0, y = _mlp_problem(5)
     solver = make_solver("ddp", problem, mu=1e-3)
-    j0 = float(problem.objective(x0, y))
+    j0 = float(problem.objective(x0, y).detach())
     for _ in range(5):
         info = solver.step(x0, y)
         assert torch.isfinite(info.loss)
-    assert float(problem.objective(x0, y)) < 0.5 * j0
+    assert float(problem.objective(x0, y).detach()) < 0.5 * j0
 
 
 def _log_problem(target: float):
