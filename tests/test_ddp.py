@@ -199,7 +199,7 @@ def test_singular_q_uu_is_retried_not_raised():
     """Without weight decay a layer's Gauss-Newton Q_uu has rank <= B n_out < m: singular."""
     problem, x0, y = _mlp_problem(6, wd=0.0)
     solver = DDP(problem, mu=0.0)
-    j0 = float(problem.objective(x0, y))
+    j0 = float(problem.objective(x0, y).detach())
     info = solver.step(x0, y)
     assert bool(info.accepted) and info.extra["tries"] > 1 and solver.mu >= solver.mu_min
-    assert float(problem.objective(x0, y)) < j0
+    assert float(problem.objective(x0, y).detach()) < j0
