@@ -122,7 +122,7 @@ def _run(name: str, device: str, dtype: torch.dtype, *, emulate: bool = True,
     problem, x, y = _mlp_problem(device, dtype)
     tensors = problem.parameters()
     with torch.no_grad():
-        j0 = float(problem.objective(x, y))
+        j0 = float(problem.objective(x, y).detach())
     solver = make_solver(name, problem, **options)
     infos = [solver.step(x, y)]  # warm-up outside the guard (lazy state, caches)
     with _guard(device, emulate=emulate, guarded=guarded):
@@ -132,7 +132,7 @@ def _run(name: str, device: str, dtype: torch.dtype, *, emulate: bool = True,
     for info in infos:
         _check_info(info, device, dtype)
     with torch.no_grad():
-        j = float(problem.objective(x, y))
+        j = float(problem.objective(x, y).detach())
     return j0, j, infos
 
 
@@ -193,7 +193,7 @@ def test_neural_ode_problem_on_the_device(device: str, name: str) -> None:
     y = torch.randint(0, 3, (20,), generator=g).to(device)
     tensors = problem.parameters()
     with torch.no_grad():
-        j0 = float(problem.objective(x, y))
+        j0 = float(problem.objective(x, y).detach())
     solver = make_solver(name, problem)
     solver.step(x, y)
     with _guard(device):
@@ -204,7 +204,7 @@ def test_neural_ode_problem_on_the_device(device: str, name: str) -> None:
     _check_info(info, device, torch.float64)
     assert eta.device.type == device and eta.shape == (3,)
     with torch.no_grad():
-        assert float(problem.objective(x, y)) < j0
+        assert float(problem.objective(x, y).detach()) < j0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -102,7 +102,7 @@ def _lbfgs(problem: Problem, x0: torch.Tensor, y: torch.Tensor | None, iters: in
     for _ in range(iters):
         opt.step(closure)
     with torch.no_grad():
-        return float(problem.objective(x0, y))
+        return float(problem.objective(x0, y).detach())
 
 
 def _gradient_descent(problem: Problem, x0: torch.Tensor, y: torch.Tensor | None, lr: float,
@@ -112,7 +112,7 @@ def _gradient_descent(problem: Problem, x0: torch.Tensor, y: torch.Tensor | None
     for _ in range(steps):
         solver.step(x0, y)
     with torch.no_grad():
-        return float(problem.objective(x0, y))
+        return float(problem.objective(x0, y).detach())
 
 
 def _cases() -> dict[str, tuple]:  # name -> (problem, x0, y)
@@ -148,7 +148,7 @@ def test_transcription_is_the_training_problem(name: str, record_error) -> None:
     fun = ca.Function("Jg", [nlp.w], [nlp.objective, ca.gradient(nlp.objective, nlp.w)])
     j, g = fun(nlp.w0)
     with torch.no_grad():
-        j_torch = float(problem.objective(x0, y))
+        j_torch = float(problem.objective(x0, y).detach())
     g_torch = objective_gradient(problem, x0, y).numpy()
     err = max(abs(float(j) - j_torch), np.abs(np.asarray(g).ravel() - g_torch).max())
     record_error(f"transcription J, dJ/du vs torch: {name}", err)
@@ -326,7 +326,7 @@ def test_ddp_reaches_the_ipopt_objective(case: str, record_error) -> None:  # no
     for _ in range(steps):
         solver.step(x0, y)
     with torch.no_grad():
-        j_ddp = float(problem.objective(x0, y))
+        j_ddp = float(problem.objective(x0, y).detach())
     record_error(f"{case} |J_ipopt - J_ddp({steps} steps)|", abs(j_ipopt - j_ddp))
     assert abs(j_ipopt - j_ddp) < 1e-6
 
@@ -363,7 +363,7 @@ def test_emsa_reaches_the_ipopt_objective(case: str, record_error) -> None:  # n
     for _ in range(steps):
         solver.step(x0, y)
     with torch.no_grad():
-        j_emsa = float(problem.objective(x0, y))
+        j_emsa = float(problem.objective(x0, y).detach())
     record_error(f"{case} |J_ipopt - J_emsa({steps} steps)|", abs(j_ipopt - j_emsa))
     assert j_emsa >= j_ipopt - 1e-9  # IPOPT's point is the minimiser
     assert abs(j_ipopt - j_emsa) < 1e-6

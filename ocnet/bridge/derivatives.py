@@ -12,9 +12,16 @@ from ..ocp.problem import Problem
 from ..ocp.stage import Controls, Stage
 
 
-def flatten_controls(controls: Sequence[Controls]) -> Tensor:
-    """All controls in one vector (stage by stage, tensor by tensor)."""
-    return torch.cat([u.reshape(-1) for us in controls for u in us])
+def flatten_controls(controls: Sequence[Controls], like: Tensor | None = None) -> Tensor:
+    """All controls in one vector (stage by stage, tensor by tensor).
+
+    With no control tensors at all (e.g. a flatten stage) the result is an empty vector,
+    on ``like``'s device and dtype when given.
+    """
+    parts = [u.reshape(-1) for us in controls for u in us]
+    if not parts:
+        return torch.zeros(0) if like is None else like.new_zeros(0)
+    return torch.cat(parts)
 
 
 def unflatten_controls(vector: Tensor, like: Sequence[Controls]) -> list[Controls]:

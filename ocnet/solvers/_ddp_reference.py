@@ -24,23 +24,10 @@ import torch
 from torch import Tensor
 from torch.autograd.functional import hessian, jacobian
 
+from ..bridge.derivatives import flatten_controls, unflatten_controls
 from ..ocp.problem import Problem
 from ..ocp.stage import Controls, Stage
 from .ddp import StageQuantities
-
-
-def _flat(u: Controls, like: Tensor) -> Tensor:
-    if not u:
-        return like.new_zeros(0)
-    return torch.cat([v.detach().reshape(-1) for v in u]).to(like)
-
-
-def _unflat(v: Tensor, like: Controls) -> Controls:
-    out, i = [], 0
-    for w in like:
-        out.append(v[i:i + w.numel()].reshape(w.shape))
-        i += w.numel()
-    return tuple(out)
 
 
 def reference_backward(problem: Problem, x0: Tensor, y: Tensor | None, *, mu: float = 0.0,
@@ -63,7 +50,7 @@ def reference_backward(problem: Problem, x0: Tensor, y: Tensor | None, *, mu: fl
     out: list[StageQuantities] = [None] * problem.T  # type: ignore[list-item]
     for t in reversed(range(problem.T)):
         stage, u, X = problem.stages[t], us[t], xs[t]  # noqa: N806
-        xv, uv = X.reshape(-1), _flat(u, X)
+        xv, uv = X.reshape(-1), flatten_controls([u], like=X).detach().to(X)
         n, m = xv.numel(), uv.numel()
         Q_x, Q_u, Q_xx, Q_ux, Q_uu = _stage_q(stage, X, u, V_x, V_xx, second_order)  # noqa: N806
         if m:
@@ -87,10 +74,10 @@ def _stage_q(stage: Stage, X: Tensor, u: Controls, V_x: Tensor, V_xx: Tensor,  #
              second_order: bool) -> tuple[Tensor, ...]:
     """Q_x, Q_u, Q_xx, Q_ux, Q_uu of one stage from dense Jacobians and Hessians."""
     shape = X.shape
-    xv, uv = X.reshape(-1), _flat(u, X)
+    xv, uv = X.reshape(-1), flatten_controls([u], like=X).detach().to(X)
 
     def F(a: Tensor, b: Tensor) -> Tensor:  # noqa: N802
-        return stage.f(a.reshape(shape), _unflat(b, u)).reshape(-1)
+        return stage.f(a.reshape(shape), unflatten_controls(b, [u])[0]).reshape(-1)
 
     Fx, Fu = jacobian(F, (xv, uv))  # noqa: N806
     Q_x = Fx.T @ V_x  # noqa: N806
@@ -109,7 +96,7 @@ def _stage_q(stage: Stage, X: Tensor, u: Controls, V_x: Tensor, V_xx: Tensor,  #
             Q_xx = Q_xx + hessian(lambda a: lam(a, uv), xv)  # noqa: N806
     if stage.has_cost:
         def cost(a: Tensor, b: Tensor) -> Tensor:
-            c = stage.cost(a.reshape(shape), _unflat(b, u))
+            c = stage.cost(a.reshape(shape), unflatten_controls(b, [u])[0])
             return a.sum() * 0 if c is None else c
 
         g = jacobian(cost, (xv, uv))

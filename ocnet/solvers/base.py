@@ -41,6 +41,8 @@ class Solver(abc.ABC):
 
     #: the registry key (``--solver NAME``)
     name: str = "solver"
+    #: a ``torch.optim`` optimizer the solver steps with; its state is checkpointed
+    optimizer: torch.optim.Optimizer | None = None
     #: whether the solver all-reduces its batch statistics through ``comm`` (data parallel)
     supports_comm: bool = False
     #: a data-parallel communicator (``ocnet.bridge.distributed.Comm``) or None (one
@@ -87,11 +89,17 @@ class Solver(abc.ABC):
         return flat[0], out
 
     def state_dict(self) -> dict[str, Any]:
-        """The solver's own state (not the controls), for checkpoints."""
-        return {"steps": self.steps}
+        """The solver's own state (not the controls), for checkpoints; includes the state of
+        the ``torch.optim`` optimizer the solver steps with, if it has one."""
+        state: dict[str, Any] = {"steps": self.steps}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(problem={self.problem.name}, steps={self.steps})"

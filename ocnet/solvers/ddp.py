@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 from torch.func import hessian, jacrev, vmap
 
+from ..bridge.derivatives import flatten_controls, unflatten_controls
 from ..bridge.modules import ModuleStage
 from ..ocp.errors import ConfigError
 from ..ocp.problem import Problem
@@ -71,22 +72,6 @@ class StageQuantities:
     def as_dict(self) -> dict[str, Tensor]:
         return {n: getattr(self, n) for n in
                 ("Q_u", "Q_x", "Q_uu", "Q_ux", "Q_xx", "V_x", "V_xx", "k", "K")}
-
-
-def flat(u: Controls) -> Tensor:
-    """A stage's controls as one vector (empty tensor for a stage without controls)."""
-    if not u:
-        return torch.zeros(0)
-    return torch.cat([v.detach().reshape(-1) for v in u])
-
-
-def unflat(v: Tensor, like: Controls) -> Controls:
-    """The inverse of :func:`flat`."""
-    out, i = [], 0
-    for w in like:
-        out.append(v[i:i + w.numel()].reshape(w.shape))
-        i += w.numel()
-    return tuple(out)
 
 
 def policy_update(u: Tensor, k: Tensor, K: Tensor, dx: Tensor,  # noqa: N803
@@ -204,7 +189,7 @@ class DDP(Solver):
         """l_x, l_u, l_xx, l_ux, l_uu on flat batch state and flat controls, or None."""
         if not stage.has_cost:
             return None
-        uf = flat(u).to(x)
+        uf = flatten_controls([u]).detach().to(x)
         if isinstance(stage, ModuleStage):  # l = wd/2 |u|^2: closed form
             wd, m, n = stage.weight_decay, uf.numel(), x.numel()
             z = x.new_zeros
@@ -213,7 +198,7 @@ class DDP(Solver):
         shape = x.shape
 
         def cost(xv: Tensor, uv: Tensor) -> Tensor:
-            c = stage.cost(xv.reshape(shape), unflat(uv, u))
+            c = stage.cost(xv.reshape(shape), unflatten_controls(uv, [u])[0])
             return xv.sum() * 0 if c is None else c
 
         xv = x.detach().reshape(-1)
@@ -225,11 +210,11 @@ class DDP(Solver):
                  ) -> dict[str, Tensor]:
         """Q terms of one stage from per-sample Jacobians (block structure exploited)."""
         B = x.shape[0]  # noqa: N806
-        uf = flat(u).to(x)
+        uf = flatten_controls([u]).detach().to(x)
         m = uf.numel()
 
         def single(xi: Tensor, uv: Tensor) -> Tensor:
-            return stage.f(xi.unsqueeze(0), unflat(uv, u)).reshape(-1)
+            return stage.f(xi.unsqueeze(0), unflatten_controls(uv, [u])[0]).reshape(-1)
 
         fx, fu = vmap(jacrev(single, argnums=(0, 1)), in_dims=(0, None))(x.detach(), uf)
         n_out = fx.shape[1]
@@ -248,7 +233,8 @@ class DDP(Solver):
             Q_u, Q_ux, Q_uu = x.new_zeros(0), x.new_zeros(0, x.numel()), x.new_zeros(0, 0)  # noqa: N806
         if self.second_order:
             def lam(xv: Tensor, uv: Tensor) -> Tensor:
-                return (V_x * stage.f(xv.reshape(x.shape), unflat(uv, u)).reshape(-1)).sum()
+                nxt = stage.f(xv.reshape(x.shape), unflatten_controls(uv, [u])[0])
+                return (V_x * nxt.reshape(-1)).sum()
 
             h = hessian(lam, argnums=(0, 1))(x.detach().reshape(-1), uf)
             Q_xx = Q_xx + h[0][0]  # noqa: N806
@@ -302,7 +288,9 @@ class DDP(Solver):
                 if u:
                     dx = (xhat - xs[t]).reshape(-1)
                     q = quantities[t]
-                    u_new = unflat(policy_update(flat(u).to(x0), q.k, q.K, dx, alpha), u)
+                    u_new = unflatten_controls(
+                        policy_update(flatten_controls([u]).detach().to(x0), q.k, q.K, dx, alpha),
+                        [u])[0]
                 else:
                     u_new = u
                 new_us.append(u_new)
@@ -355,4 +343,4 @@ def _factory(problem: Problem, lr: float | None = None, **options: Any) -> DDP:
 register("ddp", _factory, "vanilla differential dynamic programming (Gauss-Newton, "
          "Levenberg-Marquardt step control); small networks and control problems")
 
-__all__: list[str] = ["DDP", "StageQuantities", "flat", "unflat"]
+__all__: list[str] = ["DDP", "StageQuantities"]

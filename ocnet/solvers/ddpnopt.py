@@ -475,17 +475,13 @@ class DDPNOpt(Solver):
         return StepInfo(loss=J, accepted=True, grad_norm=grad_norm(grads), extra=extra)
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.state_dict()
-        else:
+        state = super().state_dict()  # the base optimizer's state, when there is one
+        if self.optimizer is None:
             state["kfac"] = [{k: v.clone() for k, v in s.items()} for s in self.kfac_state]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if self.optimizer is not None and "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
         if self.optimizer is None and "kfac" in state:
             self.kfac_state = [{k: v.clone() for k, v in s.items()} for s in state["kfac"]]
 

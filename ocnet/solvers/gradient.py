@@ -65,14 +65,6 @@ class GradientSolver(Solver):
         self.optimizer.step()
         return StepInfo(loss=loss, accepted=True, grad_norm=grad_norm(grads))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-
 
 for _name, _summary in [
     ("sgd", "stochastic gradient descent on costate gradients"),

@@ -513,9 +513,8 @@ class _SearchLayer(_ArgminLayer):
     sigma0: float | Tensor
     options: dict[str, object]
 
-    @staticmethod
-    def _search(*args: object, **kwargs: object) -> SearchResult:
-        raise NotImplementedError
+    #: the search routine (:func:`novas` or :func:`dcem`), set by each concrete layer
+    _search: Callable[..., SearchResult]
 
     def forward(
         self,

@@ -483,14 +483,6 @@ class PortHamiltonianSolver(Solver):
         """The braking events so far (host read; call between steps)."""
         return self.schedule.events() if isinstance(self.schedule, GoalBraking) else []
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-
 
 def make_phb(problem: Problem, lr: float | None = None, **options: Any) -> PortHamiltonianSolver:
     """``--solver phb``: heavy ball with constant friction (options: gamma, mass, a, c,
