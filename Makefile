@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" -e ".[dev,docs]"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" -e ".[dev,docs,tensorboard]"
 	@touch $(STAMP)
 
 demo: setup
@@ -23,6 +23,7 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check ocnet tests examples benchmarks
+	$(VENV)/bin/lint-imports
 
 test: setup lint
 	$(PY) -m pytest -q -m "not slow"
@@ -38,3 +39,18 @@ test-slow: setup
 
 clean:
 	rm -rf runs .pytest_cache build dist
+
+# ---------------------------------------------------------------- docs in a browser, wheel
+# `make docs-check`: strict build (notebooks executed), then every page opened in headless
+# Chromium (Debian's `chromium`) from a 127.0.0.1 server with the network cut off; fails on
+# raw TeX, broken images/links, console errors or any request leaving the machine.
+# Screenshots and report.json: build/docs-check/.
+.PHONY: docs-check wheel-check
+docs-check: setup
+	OMP_NUM_THREADS=1 $(PY) tools/docs_check.py --out build/docs-check
+
+# `make wheel-check`: build wheel + sdist, install the wheel into a fresh venv outside the
+# checkout, run `ocnet demo --quick`, a notebook and the README's Python example there.
+WHEEL_TORCH_SPEC ?= $(TORCH_SPEC)
+wheel-check: setup
+	TORCH_SPEC="$(WHEEL_TORCH_SPEC)" PYTHON="$(PYTHON)" bash tools/wheel_check.sh

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ocnet.neural_ode.adapt_cli import plot_accuracy, plot_mesh, plot_trajectories, run_adapt
+from ocnet.adapt import plot_accuracy, plot_mesh, plot_trajectories, run_adapt
 
 DATASETS = ("swissroll", "peaks", "donut", "spirals")
 
@@ -71,8 +71,8 @@ def frozen_study(datasets, seeds, n0, max_layers, steps, n_train, lam=1e-3):
     model is trained once; then adaptive (DWR + Doerfler) and uniform bisection to the
     budget, measuring the true goal error J(ODE) - J(Euler) (train objective, dopri5) and
     the effectivity sum(eta) / true error at every adaptive level."""
+    from ocnet.adapt import PRESETS, build_model
     from ocnet.data import load
-    from ocnet.neural_ode.adapt_cli import PRESETS, build_model
     from ocnet.solvers.dwr import DWR, doerfler, indicators
 
     rows, eff_rows = [], []

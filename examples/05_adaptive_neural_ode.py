@@ -24,7 +24,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ocnet.neural_ode.adapt_cli import run_adapt, write_outputs
+from ocnet.adapt import run_adapt, write_outputs
 
 
 def main(smoke: bool = False, data: str = "swissroll",

@@ -7,7 +7,8 @@
 
 Every command runs inside :class:`OcnetGroup`, which turns an :class:`~ocnet.OcnetError`
 into a one-line ``Error: ...`` (exit code 2 for bad names/options/data, 1 for failures such
-as a corrupted checkpoint or a diverged run) instead of a traceback.
+as a corrupted checkpoint, a diverged run, a run directory in use, or an OS error such as a
+full disk) instead of a traceback.
 
 Adding a command from another module takes one line, e.g. at the end of this file
 (section "more commands") or anywhere before ``main()`` runs::
@@ -46,8 +47,16 @@ class OcnetGroup(click.Group):
             try:
                 return super().invoke(ctx)
             except OcnetError as err:
-                click.echo(f"Error: {err}", err=True)
+                click.echo(f"Error: {_one_line(err)}", err=True)
                 ctx.exit(2 if isinstance(err, _USAGE_ERRORS) else 1)
+            except OSError as err:  # a full disk, a vanished directory: no traceback either
+                where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+                click.echo(f"Error: {err.strerror or err}{where}", err=True)
+                ctx.exit(1)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -111,7 +120,7 @@ _RESUMABLE = {
     "batch_size": "batch_size", "lr": "lr", "seed": "seed", "width": "width",
     "depth": "depth", "activation": "activation", "weight_decay": "weight_decay",
     "device": "device", "dtype": "dtype", "n_train": "n_train", "n_test": "n_test",
-    "solver_opt": "solver_options", "threads": "threads",
+    "solver_opt": "solver_options", "threads": "threads", "max_rejected": "max_rejected",
 }
 
 
@@ -124,12 +133,25 @@ def _saved_config(resume: Path) -> dict[str, Any]:
         run = run.parent
     cfg = run / "config.json"
     if cfg.is_file():
-        return json.loads(cfg.read_text())
+        try:
+            saved = json.loads(cfg.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            warnings.warn(f"{cfg} cannot be read ({type(err).__name__}: {err}); taking the "
+                          "run's configuration from its newest checkpoint instead",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            if isinstance(saved, dict):
+                return saved
+            warnings.warn(f"{cfg} holds no configuration (a JSON {type(saved).__name__}); "
+                          "taking it from the run's newest checkpoint instead",
+                          RuntimeWarning, stacklevel=2)
     for p in [resume] if resume.is_file() else find_checkpoints(resume):
         try:
             from .checkpoint import load_checkpoint
 
-            return dict(load_checkpoint(p).get("config", {}))
+            saved = load_checkpoint(p).get("config", {})
+            if isinstance(saved, dict):
+                return dict(saved)
         except OcnetError:
             continue
     return {}
@@ -145,7 +167,7 @@ def _saved_config(resume: Path) -> dict[str, Any]:
               help="total number of epochs (a resumed run continues up to this)")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", type=float, default=None, help="learning rate [default: the solver's]")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="output directory [default: runs/<data>_<model>_<solver>_seed<seed>]")
 @click.option("--resume", type=click.Path(path_type=Path, exists=True), default=None,
@@ -169,8 +191,11 @@ def _saved_config(resume: Path) -> dict[str, Any]:
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="torch CPU threads (0: torch's default). More threads slowed the small "
                    "models 40x on a busy 2-core machine; raise it for large CPU models")
-@click.option("--keep-checkpoints", default=3, show_default=True, type=int,
+@click.option("--keep-checkpoints", default=3, show_default=True, type=click.IntRange(min=0),
               help="keep this many newest checkpoints (0: all)")
+@click.option("--max-rejected", default=3, show_default=True, type=click.IntRange(min=0),
+              help="stop after this many consecutive rejected steps (non-finite, undone); "
+                   "0: never")
 @click.option("--overwrite", is_flag=True,
               help="replace the checkpoints of an earlier run in --out")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
@@ -225,15 +250,30 @@ def _fmt(v: float | None, digits: int = 4, scale: float = 1.0) -> str:
 # ----------------------------------------------------------------------------- listings
 
 
+def _facts(record: Any) -> str:
+    """The registry facts of a solver in a few words (``ocnet solvers``)."""
+    facts = [f"lr {record.default_lr:g}" if record.default_lr is not None else "no lr",
+             record.cost]
+    if record.max_controls is not None:
+        facts.append(f"<= {record.max_controls} controls per {record.limit_per}")
+    if record.data_parallel:
+        facts.append("data parallel")
+    if record.host_sync:
+        facts.append("host decisions")
+    if record.reference:
+        facts.append("exact reference")
+    return "; ".join(facts)
+
+
 @cli.command()
 def solvers() -> None:
-    """List the registered solvers (valid --solver names)."""
-    from .solvers import solver_summaries
+    """List the registered solvers (valid --solver names) with their registry facts."""
+    from .solvers import solver_records
 
-    items = solver_summaries()
-    width = max((len(k) for k in items), default=0)
-    for name, summary in items.items():
-        click.echo(f"{name:<{width}}  {summary}")
+    records = solver_records()
+    width = max((len(r.name) for r in records), default=0)
+    for r in records:
+        click.echo(f"{r.name:<{width}}  {r.summary} [{_facts(r)}]")
 
 
 @cli.command()
@@ -272,8 +312,8 @@ def demo(out: Path, solver_list: str | None, epochs: int | None, seed: int, quic
 
 # ----------------------------------------------------------------------------- more commands
 # Commands defined elsewhere are added here with one line each.
+from .adapt import adapt  # noqa: E402
 from .compare import compare  # noqa: E402
-from .neural_ode.adapt_cli import adapt  # noqa: E402
 
 cli.add_command(adapt)
 cli.add_command(compare)

@@ -12,19 +12,21 @@ ae-mnist1d MLP autoencoder, 4 dense layers 40-32-8-32-40 (tanh)  MSE       recon
 ========== ===================================================== ========= ===============
 
 Every registered solver (``ocnet.solvers.solver_names()``) is run on every setting, except
-``ipopt`` (the exact single-shooting reference: its dense NLP over all samples and weights is
-far too slow at these sizes) and solvers whose factory raises ``ConfigError`` on the problem
-(reported with the reason). Each solver runs at learning rates ``default x {1/3, 1, 3}``
-around its own default (``--quick``: only the default), the same seeds, batches and initial
-weights for every solver. The *training loss* per epoch is the objective on the full
-training set after the epoch (log-scale curves per setting); the test metric is measured
-after the last epoch; seconds per epoch are the solvers' own step times (evaluation
-excluded; mean step time x steps per epoch, so an epoch cut by the time budget counts
-fully), reported as a ratio to Adam at its default learning rate in the same run. Each run
-is a forked child killed if a single step overruns the budget by far.
+the exact references (``SolverRecord.reference``: ``ipopt``, whose dense NLP over all
+samples and weights is far too slow at these sizes) and solvers whose factory raises
+``ConfigError`` on the problem (reported with the reason). Each solver runs at learning
+rates ``default x {1/3, 1, 3}`` around its own default (``SolverRecord.lr``; ``--quick``:
+only the default), the same seeds, batches and initial weights for every solver. The
+*training loss* per epoch is the objective on the full training set after the epoch
+(log-scale curves per setting); the test metric is measured after the last epoch; seconds
+per epoch are the solvers' own step times (evaluation excluded; mean step time x steps per
+epoch, so an epoch cut by the time budget counts fully), reported as a ratio to Adam at its
+default learning rate in the same run. Each run is a forked child killed if a single step
+overruns the budget by far.
 
-The autoencoders need no ``train.py`` support: this module has its own small loop over
-``solver.step(x, target)`` (target = x for the autoencoder) on ``ocnet.data.batches``.
+The autoencoders need no ``train.py`` support: runs use the one training loop
+(:func:`ocnet.solvers.loop.fit`) on ``ocnet.data.batches`` with ``(x, target)`` batches
+(target = x for the autoencoder) and this module's :class:`Curves` callback.
 """
 
 from __future__ import annotations
@@ -48,16 +50,21 @@ from .data import batches, load
 from .models import build_model
 from .ocp.errors import ConfigError, OcnetError, unknown_name
 from .ocp.problem import Problem
-from .solvers import make_solver, solver_names
+from .solvers import make_solver, solver_entry, solver_names, solver_records
+from .solvers.loop import Callback, EpochEnd, StepEvent, TimeBudget, fit
 
-__all__ = ["SETTINGS", "SKIP", "Setting", "build_setting", "compare", "replot", "run_compare",
-           "run_one"]
+__all__ = ["SETTINGS", "SKIP", "Curves", "Setting", "build_setting", "compare", "replot",
+           "run_compare", "run_one", "skipped_solvers"]
 
-#: solvers never run by the comparison, with the reason printed in the report
-SKIP = {
-    "ipopt": "exact reference (IPOPT on the dense single-shooting NLP): far too slow for "
-             "networks with thousands of weights; see docs/ipopt.md for where it is used",
-}
+
+def skipped_solvers() -> dict[str, str]:
+    """Solvers never run by the comparison (the registry's exact references), with the reason
+    printed in the report."""
+    return {r.name: r.skip_reason() for r in solver_records() if r.reference}
+
+
+#: the solvers skipped when this module was imported (``skipped_solvers()`` is current)
+SKIP = skipped_solvers()
 #: learning-rate multipliers around each solver's default
 LR_FACTORS = (1 / 3, 1.0, 3.0)
 QUICK_LR_FACTORS = (1.0,)
@@ -114,19 +121,6 @@ def build_setting(setting: Setting, seed: int, n_train: int | None = None,
     return _autoencoder(ds.n_features), "mse", ds
 
 
-def _default_lr(solver: Any) -> float | None:
-    """The learning rate (step size) a solver took when given ``lr=None``, if it has one."""
-    for attr in ("lr", "alpha"):
-        v = getattr(solver, attr, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    opt = getattr(solver, "optimizer", None)
-    groups = getattr(opt, "param_groups", None)
-    if groups and "lr" in groups[0]:
-        return float(groups[0]["lr"])
-    return None
-
-
 @torch.no_grad()
 def _metrics(problem: Problem, x: torch.Tensor, y: torch.Tensor, ae: bool,
              chunk: int = 2048) -> tuple[float, float]:
@@ -145,6 +139,28 @@ def _metrics(problem: Problem, x: torch.Tensor, y: torch.Tensor, ae: bool,
     return loss, (loss if ae else hits / n)
 
 
+class Curves(Callback):
+    """The comparison's record of a run: the objective on the full training set and the test
+    loss after every epoch, and the solver's step seconds; stops a diverged run."""
+
+    def __init__(self, problem: Problem, ds: Any, ae: bool) -> None:
+        self.problem, self.ds, self.ae = problem, ds, ae
+        loss0, _ = _metrics(problem, ds.x_train, ds.y_train, ae)
+        self.curve, self.test_curve = [loss0], []
+        self.steps, self.seconds = 0, 0.0
+
+    def on_step(self, event: StepEvent) -> None:
+        self.steps += 1
+        self.seconds += event.info.seconds
+
+    def on_epoch_end(self, end: EpochEnd) -> str | None:
+        tr, _ = _metrics(self.problem, self.ds.x_train, self.ds.y_train, self.ae)
+        te_loss, _ = _metrics(self.problem, self.ds.x_test, self.ds.y_test, self.ae)
+        self.curve.append(tr)
+        self.test_curve.append(te_loss)
+        return None if math.isfinite(tr) else "diverged"
+
+
 def run_one(setting: Setting, solver: str, lr_factor: float, seed: int, epochs: int,
             batch_size: int = 32, budget: float | None = None, n_train: int | None = None,
             solver_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -153,19 +169,14 @@ def run_one(setting: Setting, solver: str, lr_factor: float, seed: int, epochs: 
     problem = to_problem(model, loss)
     row: dict[str, Any] = {"setting": setting.name, "solver": solver, "seed": seed,
                            "lr_factor": lr_factor}
+    options = dict(solver_options or {})
     try:
-        probe = make_solver(solver, problem, **(solver_options or {}))
-        default = _default_lr(probe)
+        default = solver_entry(solver).lr(options)
         if lr_factor != 1.0 and default is None:
             row.update(status="skipped: the solver has no learning rate to sweep", lr=None)
             return row
-        lr = None if lr_factor == 1.0 else default * lr_factor
-        if lr is None:
-            sol = probe
-        else:
-            model, loss, ds = build_setting(setting, seed, n_train)  # fresh weights
-            problem = to_problem(model, loss)
-            sol = make_solver(solver, problem, lr=lr, **(solver_options or {}))
+        lr = None if lr_factor == 1.0 or default is None else default * lr_factor
+        sol = make_solver(solver, problem, lr=lr, **options)
         row["lr"] = default if lr is None else lr
     except ConfigError as err:
         row.update(status=f"skipped: {err}", lr=None)
@@ -173,43 +184,32 @@ def run_one(setting: Setting, solver: str, lr_factor: float, seed: int, epochs: 
     ae = setting.autoencoder
     gen = torch.Generator().manual_seed(seed)
     xtr, ytr = ds.x_train, ds.y_train
-    loss0, _ = _metrics(problem, xtr, ytr, ae)
-    curve, test_curve, step_seconds, n_steps = [loss0], [], [], 0
-    per_epoch = math.ceil(xtr.shape[0] / batch_size)
+    curves = Curves(problem, ds, ae)
+    callbacks: list[Callback] = [curves]
+    if budget is not None:
+        callbacks.append(TimeBudget(budget))  # checked between steps: a host decision
+
+    def epoch_batches(_epoch: int) -> Any:
+        return ((xb, xb if ae else yb) for xb, yb in batches(xtr, ytr, batch_size,
+                                                               generator=gen))
+
     status, stopped = "ok", False
-    start = time.perf_counter()
-    for _ in range(epochs):
-        secs = 0.0
-        try:
-            for xb, yb in batches(xtr, ytr, batch_size, generator=gen):
-                info = sol.step(xb, xb if ae else yb)
-                secs += info.seconds
-                n_steps += 1
-                if budget is not None and time.perf_counter() - start > budget:
-                    stopped = True  # checked between steps: a host decision by design
-                    break
-        except OcnetError as err:
-            status = f"failed: {err}"
-            break
-        except RuntimeError as err:  # e.g. a singular solve inside a second-order step
-            status = f"failed: {type(err).__name__}: {err}"
-            break
-        step_seconds.append(secs)
-        tr, _ = _metrics(problem, xtr, ytr, ae)
-        te_loss, _ = _metrics(problem, ds.x_test, ds.y_test, ae)
-        curve.append(tr)
-        test_curve.append(te_loss)
-        if not math.isfinite(tr):
-            status = "diverged"
-            break
-        if stopped:
-            break
+    try:
+        result = fit(sol, epoch_batches, epochs=epochs, callbacks=callbacks)
+        status = "diverged" if result.stopped == "diverged" else "ok"
+        stopped = result.stopped == "time budget"
+    except OcnetError as err:
+        status = f"failed: {err}"
+    except RuntimeError as err:  # e.g. a singular solve inside a second-order step
+        status = f"failed: {type(err).__name__}: {err}"
     _, metric = _metrics(problem, ds.x_test, ds.y_test, ae)
-    row.update(status=status, stopped=stopped, curve=curve, test_curve=test_curve,
+    per_epoch = math.ceil(xtr.shape[0] / batch_size)
+    n_steps, curve = curves.steps, curves.curve
+    row.update(status=status, stopped=stopped, curve=curve, test_curve=curves.test_curve,
                epochs=len(curve) - 1, final_train_loss=curve[-1], test_metric=metric,
                # per step x steps per epoch: also right for an epoch cut by the budget
-               seconds_per_epoch=(sum(step_seconds) / n_steps * per_epoch) if n_steps else None,
-               steps=getattr(sol, "steps", None))
+               seconds_per_epoch=(curves.seconds / n_steps * per_epoch) if n_steps else None,
+               steps=sol.steps)
     return row
 
 
@@ -423,7 +423,8 @@ def run_compare(out: str | os.PathLike = "runs/compare", settings: list[str] | N
         if s not in SETTINGS:
             raise unknown_name("setting", s, list(SETTINGS))
     valid = solver_names()
-    names = [n for n in valid if n not in SKIP] if solvers is None else list(solvers)
+    skip = skipped_solvers()
+    names = [n for n in valid if n not in skip] if solvers is None else list(solvers)
     for n in names:
         if n not in valid:
             raise unknown_name("solver", n, valid)
@@ -437,7 +438,7 @@ def run_compare(out: str | os.PathLike = "runs/compare", settings: list[str] | N
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    skipped = {n: SKIP[n] for n in valid if n in SKIP} if solvers is None else {}
+    skipped = skip if solvers is None else {}
     for s in settings:
         for name in names:
             for f in factors:
@@ -499,7 +500,8 @@ def _csv(kind: type) -> Any:
 @click.option("--settings", callback=_csv(str),
               help=f"comma-separated subset of: {', '.join(SETTINGS)}")
 @click.option("--solvers", callback=_csv(str),
-              help="comma-separated solver names (default: every registered one but ipopt)")
+              help="comma-separated solver names (default: every registered one but the exact "
+                   "references, e.g. ipopt)")
 @click.option("--seeds", callback=_csv(int), help="comma-separated seeds (default 0)")
 @click.option("--epochs", type=int, help="epochs per run (default 10, --quick 3)")
 @click.option("--budget", type=float,

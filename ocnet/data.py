@@ -62,13 +62,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .ocp.errors import OcnetError
+from .ocp import errors as _errors
+from .solvers.loop import minibatches
 
 __all__ = ["DATASETS", "DataError", "Dataset", "batches", "check_finite", "load"]
 
 
-class DataError(OcnetError, ValueError):
-    """A data set name, size, dtype or content is not valid; the message says how to fix it."""
+DataError = _errors.DataError  # defined in ocnet.ocp.errors (Problem raises it on bad batches)
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,32 +189,11 @@ def batches(
 
     The permutation is drawn with ``torch.randperm(generator=generator)`` when this
     function is called (not lazily), so saving ``generator.get_state()`` before the
-    call and restoring it reproduces the epoch exactly.
+    call and restoring it reproduces the epoch exactly. (The iterator is
+    :func:`ocnet.solvers.loop.minibatches`, which the training loop and DWR share.)
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
-    if batch_size < 1:
-        raise DataError(f"batch_size must be a positive int, got {batch_size}")
-    n = x.shape[0]
-    if y.shape[0] != n:
-        raise DataError(f"x has {n} samples but y has {y.shape[0]}; pass matching tensors")
-    if shuffle:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        order = torch.randperm(n, generator=generator, device=gen_device).to(x.device)
-    else:
-        order = None
-    stop = n - n % batch_size if drop_last else n
-
-    def _iterate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, stop, batch_size):
-            end = min(start + batch_size, stop)
-            if order is None:
-                yield x[start:end], y[start:end]
-            else:
-                idx = order[start:end]
-                yield x[idx], y[idx.to(y.device)]
-
-    return _iterate()
+    return minibatches(x, y, batch_size, generator=generator, shuffle=shuffle,
+                       drop_last=drop_last)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- generators

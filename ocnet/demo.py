@@ -6,8 +6,9 @@
    weights and batches for every solver, each for a few epochs within a time budget
    (``budget`` seconds of training per solver and setting).
    Learning rates: each solver's own default, except the gradient baselines on the MLP
-   (``DEMO_LR``, tuned by a small sweep). ``ipopt`` is not run (``ocnet.compare.SKIP``:
-   the dense NLP is far too slow at this size); a solver whose factory raises
+   (``DEMO_LR``, tuned by a small sweep). The exact references are not run
+   (``ocnet.compare.skipped_solvers()``, from the registry: ``ipopt``, whose dense NLP is
+   far too slow at this size); a solver whose factory raises
    ConfigError for a problem (vanilla ``ddp`` beyond 1500 controls per stage) is skipped,
    with the reason in the table. Results: a markdown table per setting (final training
    loss, test accuracy, seconds per step as a ratio to Adam measured in the same run)
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .compare import SETTINGS, SKIP, build_setting, run_isolated, run_one
+from .compare import SETTINGS, build_setting, run_isolated, run_one, skipped_solvers
 from .train import TrainConfig, train
 
 __all__ = ["DEMO_LR", "DEMO_SETTINGS", "run_demo"]
@@ -71,9 +72,10 @@ def _lr_factor(setting: str, solver: str) -> float:
     """lr multiplier of :func:`run_one` that turns the solver's default into ``DEMO_LR``."""
     if setting != "mlp-digits" or solver not in DEMO_LR:
         return 1.0
-    from .solvers.gradient import DEFAULT_LR
+    from .solvers import solver_entry
 
-    return DEMO_LR[solver] / DEFAULT_LR[solver] if solver in DEFAULT_LR else 1.0
+    default = solver_entry(solver).lr()
+    return DEMO_LR[solver] / default if default else 1.0
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -157,9 +159,10 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo; returns ``{"rows", "table", "tables", "spirals", "seconds"}``.
 
-    ``solvers``: default every registered solver but those in ``ocnet.compare.SKIP``
-    (listed with the reason). ``budget``: seconds of training per solver and setting on
-    DIGITS (None: no limit); a run cut short is marked ``*``.
+    ``solvers``: default every registered solver but the exact references
+    (``ocnet.compare.skipped_solvers()``, listed with the reason). ``budget``: seconds of
+    training per solver and setting on DIGITS (None: no limit); a run cut short is marked
+    ``*``.
     ``threads``: torch CPU threads (default 1: these models are tiny, and extra intra-op
     threads made the demo 6x slower on a busy 2-core machine; None keeps torch's
     setting). ``spirals``: also run part 2. ``isolate``: each run in a forked child killed
@@ -173,7 +176,8 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     valid = solver_names()
-    names = [n for n in valid if n not in SKIP] if solvers is None else list(solvers)
+    skip = skipped_solvers()
+    names = [n for n in valid if n not in skip] if solvers is None else list(solvers)
     unknown = [s for s in names if s not in valid]
     if unknown:
         raise unknown_name("solver", unknown[0], valid)
@@ -181,7 +185,7 @@ def run_demo(
     for s in settings:
         if s not in SETTINGS:
             raise unknown_name("setting", s, list(SETTINGS))
-    skipped = {n: SKIP[n] for n in valid if n in SKIP} if solvers is None else {}
+    skipped = skip if solvers is None else {}
     n_epochs = epochs or (3 if quick else DIGITS_EPOCHS)
     if threads is not None:
         torch.set_num_threads(threads)

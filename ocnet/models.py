@@ -6,48 +6,18 @@ a control system; ``ResidualBlock`` is x + h act(W x + b), one explicit-Euler st
 
 from __future__ import annotations
 
-import torch.nn.functional as F  # noqa: N812
-from torch import Tensor, nn
+from torch import nn
 
-from .dynamics.activations import activation as activation_fn
+from .dynamics.activations import ACTIVATION_MODULES
+from .dynamics.blocks import PadFeatures, ResidualBlock
 from .ocp.errors import ConfigError, unknown_name
+
+__all__ = ["MODELS", "PadFeatures", "ResidualBlock", "build_model"]
 
 MODELS = ("cnn", "mlp", "resnet")
 
 
-class ResidualBlock(nn.Module):
-    """x + h act(x W^T + b)."""
-
-    def __init__(self, width: int, h: float = 0.5, activation: str = "tanh") -> None:
-        super().__init__()
-        self.linear = nn.Linear(width, width)
-        self.h = h
-        self.activation = activation
-        self._act = activation_fn(activation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.h * self._act(self.linear(x))
-
-    def extra_repr(self) -> str:
-        return f"h={self.h}, activation={self.activation}"
-
-
-class PadFeatures(nn.Module):
-    """Zero-pads the last dimension to ``width``: the parameter-free lift of a neural ODE."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.width = width
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] > self.width:
-            raise ConfigError(f"PadFeatures({self.width}) got {x.shape[-1]} features")
-        return F.pad(x, (0, self.width - x.shape[-1]))
-
-
-_ACT_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus,
-                "elu": nn.ELU, "gelu": nn.GELU, "identity": nn.Identity,
-                "leaky_relu": nn.LeakyReLU}
+_ACT_MODULES = ACTIVATION_MODULES  # one activation table (ocnet.dynamics.activations)
 
 
 def _act(name: str) -> nn.Module:

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from .metrics import read_metrics  # noqa: E402
 from .ocp.problem import Problem  # noqa: E402
 
 __all__ = ["plot_decision_boundary", "plot_losses", "plot_trajectories"]
@@ -35,8 +36,6 @@ History = Sequence[Mapping[str, Any]]
 
 def _history(metrics: str | os.PathLike | History) -> list[dict[str, float]]:
     if isinstance(metrics, (str, os.PathLike)):
-        from .train import read_metrics
-
         return read_metrics(metrics)
     return [dict(r) for r in metrics]
 

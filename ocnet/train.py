@@ -2,11 +2,14 @@
 
 ``train(TrainConfig(...))`` seeds torch, loads the data (checked finite), builds the model
 and its problem J(u) = mean CE(x_T, y) + sum_t weight_decay/2 |u_t|^2, makes the solver and
-runs ``solver.step(x, y)`` over shuffled mini-batches. The shuffling generator's state is
-checkpointed with the controls and the solver state, so ``train(config, resume=OUT)``
-continues exactly where the run stopped.
+runs the one training loop, :func:`ocnet.solvers.loop.fit`, over shuffled mini-batches with
+this module's callbacks (:class:`EpochMetrics`, :class:`Checkpoints`,
+:class:`StopOnDivergence`, :class:`ProgressBar`, and a ``TimeBudget``). The shuffling
+generator's state is checkpointed with the controls and the solver state, so
+``train(config, resume=OUT)`` continues exactly where the run stopped.
 
-Files in ``config.out`` (when given)::
+Files in ``config.out`` (when given), each written atomically (a temporary file, fsync,
+``os.replace``: a run killed at any moment leaves the previous version of every file)::
 
     config.json        the configuration
     metrics.csv        one row per epoch (see METRIC_COLUMNS)
@@ -14,6 +17,13 @@ Files in ``config.out`` (when given)::
     checkpoints/       epoch_NNNN.pt, the newest ``keep_checkpoints`` kept
     loss.png           loss curves; for 2-D data also decision_boundary.png and,
                        for the resnet model, trajectories.png
+    .ocnet.lock        the lock that makes the directory one run's: a second ``train`` or
+                       ``--resume`` on it is refused while the first runs (.ocnet.owner
+                       names its PID); a killed run's lock is taken over
+
+Everything that can be checked is checked before the directory is created or written
+(names, numbers, the data sizes, the model and its problem, the solver and its options,
+the checkpoint to resume from), so a refused run leaves nothing behind.
 
 Data parallel: under ``torchrun --nproc-per-node N -m ocnet train ...`` (WORLD_SIZE > 1)
 every rank loads the same data and model (same seed; rank 0's parameters are broadcast),
@@ -24,14 +34,16 @@ run with the same global batch. Only rank 0 writes files. See ``docs/distributed
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
+import os
 import platform
+import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,24 +55,25 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from .bridge import place, resolve_device, to_device, to_problem
 from .data import DATASETS, DataError, batches, check_finite, load
+from .metrics import METRIC_COLUMNS, read_metrics, write_metrics
 from .models import MODELS, build_model
 from .ocp.errors import CheckpointError, ConfigError, OcnetError, unknown_name
 from .ocp.problem import Problem
-from .solvers import make_solver, solver_names
+from .solvers import make_solver, solver_entry, solver_names, solver_records
+from .solvers.loop import Callback, EpochEnd, StepEvent, TimeBudget, TrainingDiverged, fit
 
 __all__ = [
     "METRIC_COLUMNS",
     "SUMMARY_KEYS",
+    "RunDirectoryBusy",
+    "RunLock",
     "TrainConfig",
     "TrainingDiverged",
     "evaluate",
+    "read_metrics",
     "train",
 ]
 
-#: columns of metrics.csv, in order
-METRIC_COLUMNS = (
-    "epoch", "train_loss", "test_loss", "test_accuracy", "train_accuracy", "seconds", "steps",
-)
 #: keys summary.json always has (a public contract; more keys may be added)
 SUMMARY_KEYS = (
     "data", "model", "solver", "steps", "final_train_loss", "test_accuracy", "seconds_per_step",
@@ -71,10 +84,14 @@ RESUME_MUST_MATCH = (
     "data", "model", "solver", "seed", "width", "depth", "activation", "n_train", "n_test",
 )
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: the largest seed: every data set (scikit-learn's splits included) takes it
+MAX_SEED = 2**32 - 1
+# TrainingDiverged (the loss became NaN/inf, or too many consecutive rejected steps; the
+# last good checkpoint is kept) is defined beside the loop, ocnet.solvers.loop.
 
 
-class TrainingDiverged(OcnetError, RuntimeError):
-    """The loss became NaN or inf; training stopped (the last good checkpoint is kept)."""
+class RunDirectoryBusy(OcnetError, RuntimeError):
+    """Another process holds the run directory's lock (``--out`` is in use)."""
 
 
 @dataclass
@@ -117,6 +134,9 @@ class TrainConfig:
     #: torch intra-op CPU threads for the run (None: leave torch's setting). Small models
     #: gain nothing from more threads, and on a busy machine they can be many times slower.
     threads: int | None = None
+    #: stop with TrainingDiverged after this many consecutive rejected steps (a step the
+    #: solver's finiteness guard undid, or one its own acceptance test refused); 0: never
+    max_rejected: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON- and ``weights_only``-safe dict (paths as strings)."""
@@ -153,18 +173,35 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number (or None for the default), "
-                              f"got {self.lr}")
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ConfigError(f"max_seconds must be positive or None, got {self.max_seconds}")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                or not 0 <= self.seed <= MAX_SEED):
+            raise ConfigError(f"seed must be an int from 0 to {MAX_SEED} (2**32 - 1), got "
+                              f"{self.seed!r}")
+        if self.lr is not None and not (_is_number(self.lr) and self.lr > 0
+                                        and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive finite number (or None for the "
+                              f"solver's default), got {self.lr!r}")
+        if self.max_seconds is not None and not (_is_number(self.max_seconds)
+                                                 and self.max_seconds > 0):
+            raise ConfigError(f"max_seconds must be positive or None, got {self.max_seconds!r}")
+        if not (_is_number(self.weight_decay) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a finite number >= 0 (e.g. 1e-4), got "
+                              f"{self.weight_decay!r}")
+        for name in ("max_rejected", "keep_checkpoints"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be an int >= 0 (0: no limit), got {v!r}")
+        if not isinstance(self.solver_options, dict):
+            raise ConfigError(f"solver_options must be a dict, got "
+                              f"{type(self.solver_options).__name__}")
         if self.threads is not None and (isinstance(self.threads, bool)
                                          or not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"threads must be a positive int or None, got {self.threads!r}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -191,32 +228,132 @@ def evaluate(problem: Problem, x: Tensor, y: Tensor, chunk: int = 4096) -> tuple
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
+    ckpt.atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in history:
-            w.writerow(row)
+def _check_out_path(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be a run directory, before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; choose a directory path "
+                          "(it is created if missing)")
+    parent = out
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {parent} is a file; choose "
+                          "another directory")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} cannot be written: no write permission in {parent}; "
+                          "choose a directory you can write to")
 
 
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
+OWNER_FILE = ".ocnet.owner"
+LOCK_FILE = ".ocnet.lock"
 
 
-def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """metrics.csv as a list of dicts of numbers."""
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (another user's)
+    return True
+
+
+class RunLock:
+    """The lock that makes a run directory one process's for the whole run.
+
+    A ``filelock.FileLock`` on ``OUT/.ocnet.lock`` (an OS lock: the kernel drops it when
+    its process dies, so the lock of a killed run is stale by construction and taken
+    over), plus ``OUT/.ocnet.owner`` naming the holder (PID, host, start time, command)
+    for the message a second process gets. Not re-entrant: a second ``RunLock`` on the
+    same directory is refused even in the same process.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self._lock: Any = None
+        #: the owner record of a killed run this lock took over, if any
+        self.took_over: dict[str, Any] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            owner = json.loads((self.out / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) else None
+
+    def acquire(self) -> RunLock:
+        from filelock import FileLock, Timeout
+
+        try:
+            lock = FileLock(str(self.out / LOCK_FILE), timeout=0)
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RunDirectoryBusy(self._busy_message()) from None
+        except OSError as err:
+            raise ConfigError(f"--out {self.out} cannot be locked ({err.strerror or err}); "
+                              "choose a directory on a local, writable file system") from None
+        self._lock = lock
+        previous = self._owner()
+        if previous is not None and previous.get("pid") != os.getpid():
+            self.took_over = previous
+            warnings.warn(
+                f"{self.out}: taking over the run directory from PID {previous.get('pid')} "
+                f"(started {previous.get('started', '?')}), which is no longer running "
+                "(a killed or crashed run)", RuntimeWarning, stacklevel=3)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "command": " ".join(sys.argv[:1] + sys.argv[1:])[:300]}
+        try:
+            ckpt.atomic_write(self.out / OWNER_FILE, json.dumps(owner) + "\n")
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _busy_message(self) -> str:
+        owner = self._owner()
+        if owner is None:
+            who = "another process (its PID is not recorded yet)"
+        else:
+            pid, host = owner.get("pid"), owner.get("host")
+            who = f"PID {pid}" + (f" on {host}" if host and host != socket.gethostname()
+                                   else "")
+            if owner.get("started"):
+                who += f", started {owner['started']}"
+            if owner.get("command"):
+                who += f": {owner['command']}"
+            if (isinstance(pid, int) and host in (None, socket.gethostname())
+                    and not _pid_alive(pid)):
+                who += (f" (PID {pid} is no longer running, but a process it started still "
+                        "holds the lock)")
+        return (f"{self.out} is in use by another ocnet run ({who}); wait for it to finish "
+                "or stop it, or choose another --out")
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        try:
+            if (self._owner() or {}).get("pid") == os.getpid():
+                (self.out / OWNER_FILE).unlink()
+        except OSError:
+            pass
+        self._lock.release()
+        self._lock = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 # --------------------------------------------------------------------------- resume
@@ -234,36 +371,137 @@ def _describe(keys: list[str], saved: dict[str, Any], now: dict[str, Any]) -> st
     return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in keys)
 
 
-def _load_resume_state(resume: Path) -> tuple[dict[str, Any], Path]:
-    """The newest checkpoint of ``resume`` that loads; warns about each one that does not."""
+def _candidates(resume: Path) -> list[Path]:
+    """The checkpoints to resume from, newest first; an error when there are none that
+    says why (a run stopped before its first checkpoint, or not a run directory)."""
     resume = Path(resume)
     candidates = [resume] if resume.is_file() else ckpt.find_checkpoints(resume)
-    if not candidates:
+    if candidates:
+        return candidates
+    run = resume.parent if resume.name == ckpt.CHECKPOINT_DIR else resume
+    if any((run / name).exists() for name in ("config.json", "metrics.csv", OWNER_FILE)):
         raise CheckpointError(
-            f"no checkpoints (epoch_NNNN.pt) in {resume} or {resume / ckpt.CHECKPOINT_DIR}; "
-            "resume needs the --out directory of an earlier run"
+            f"{run} is the directory of a run that wrote no checkpoint yet (it stopped "
+            "before the end of its first epoch), so there is nothing to resume: run the same "
+            f"command without --resume (with --out {run}) to start it again"
         )
-    errors = []
-    for i, path in enumerate(candidates):
-        try:
-            state = ckpt._read(path)
-        except CheckpointError as err:
-            errors.append(str(err))
-            nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
-            warnings.warn(
-                f"{err}; " + (f"falling back to the previous checkpoint {nxt}" if nxt
-                              else "no older checkpoint left"),
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            continue
-        return state, path
     raise CheckpointError(
-        f"no checkpoint in {resume} loads: " + " | ".join(errors)
+        f"no checkpoints (epoch_NNNN.pt) in {resume} or {resume / ckpt.CHECKPOINT_DIR}; "
+        "resume needs the --out directory of an earlier run"
     )
 
 
-# --------------------------------------------------------------------------- progress
+def _fallback_warning(err: BaseException, candidates: list[Path], i: int) -> None:
+    nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
+    warnings.warn(
+        f"{err}; " + (f"falling back to the previous checkpoint {nxt}" if nxt
+                      else "no older checkpoint left"),
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _load_resume_state(resume: Path) -> tuple[dict[str, Any], Path]:
+    """The newest checkpoint of ``resume`` that loads; warns about each one that does not."""
+    candidates = _candidates(resume)
+    errors = []
+    for i, path in enumerate(candidates):
+        try:
+            return ckpt._read(path), path
+        except CheckpointError as err:
+            errors.append(str(err))
+            _fallback_warning(err, candidates, i)
+    raise CheckpointError(f"no checkpoint in {resume} loads: " + " | ".join(errors))
+
+
+def _finite_row(row: Any) -> bool:
+    """A metrics row whose losses are finite numbers (a "good" epoch)."""
+    if not isinstance(row, dict):
+        return False
+    for key in ("train_loss", "test_loss"):
+        v = row.get(key)
+        if v is not None and not (_is_number(v) and math.isfinite(v)):
+            return False
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
+
+
+def _check_state(state: dict[str, Any], path: Path) -> None:
+    """The contents of a checkpoint that loaded (its envelope is valid): the keys and
+    types an exact resume needs, finite weights, a last epoch with a finite loss."""
+    missing = [k for k in ("epoch", "model", "solver", "generator") if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it was not "
+                              "written by ocnet train")
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise CheckpointError(f"checkpoint {path} holds epoch={epoch!r}, not an int >= 0: "
+                              "it is damaged")
+    if not isinstance(state["model"], dict) or not isinstance(state["solver"], dict):
+        raise CheckpointError(f"checkpoint {path} holds no model/solver state dicts")
+    bad = [k for k, v in state["model"].items()
+           if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}): "
+                              "not a good checkpoint")
+    metrics = state.get("metrics", [])
+    if not isinstance(metrics, list) or not all(isinstance(r, dict) for r in metrics):
+        raise CheckpointError(f"checkpoint {path} holds a damaged metrics history")
+    if metrics and not _finite_row(metrics[-1]):
+        raise CheckpointError(
+            f"checkpoint {path}: its epoch evaluated to a non-finite loss (train "
+            f"{metrics[-1].get('train_loss')}, test {metrics[-1].get('test_loss')}): not a "
+            "good checkpoint")
+    seconds = state.get("step_seconds", 0.0)
+    if not _is_number(seconds):
+        raise CheckpointError(f"checkpoint {path} holds step_seconds={seconds!r}")
+
+
+def _apply_state(state: dict[str, Any], path: Path, model: torch.nn.Module, solver: Any,
+                 gen: torch.Generator) -> None:
+    """Load a checked state into the model, the solver and the batch generator; a state
+    that does not fit (another shape, a damaged optimizer state) is a CheckpointError."""
+    _check_state(state, path)
+    steps = [("the model", lambda: model.load_state_dict(state["model"])),
+             ("the solver", lambda: solver.load_state_dict(state["solver"])),
+             ("the batch generator", lambda: gen.set_state(state["generator"]))]
+    if "torch_rng" in state:
+        steps.append(("torch's RNG", lambda: torch.set_rng_state(state["torch_rng"])))
+    for what, do_load in steps:
+        try:
+            do_load()
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError,
+                IndexError) as err:
+            raise CheckpointError(f"checkpoint {path} does not fit {what} of this run "
+                                  f"({type(err).__name__}: {_first_line(err)})") from err
+
+
+def _restore(candidates: list[Path], first: tuple[dict[str, Any], Path], model: torch.nn.Module,
+             solver: Any, gen: torch.Generator) -> tuple[dict[str, Any], Path]:
+    """Apply the newest checkpoint that loads and fits (from ``first``, already read),
+    falling back to older ones with a warning each."""
+    errors: list[str] = []
+    start = candidates.index(first[1]) if first[1] in candidates else 0
+    for i in range(start, len(candidates)):
+        path = candidates[i]
+        try:
+            state = first[0] if path == first[1] else ckpt._read(path)
+            _apply_state(state, path, model, solver, gen)
+        except CheckpointError as err:
+            errors.append(str(err))
+            _fallback_warning(err, candidates, i)
+            continue
+        return state, path
+    raise CheckpointError(f"no checkpoint of {candidates[0].parent} can be resumed: "
+                          + " | ".join(errors))
+
+
+# --------------------------------------------------------------------------- callbacks
+# The loop is ocnet.solvers.loop.fit; what a training run adds to it are these callbacks.
 
 
 def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
@@ -275,6 +513,136 @@ def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
     if disable:
         return None
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+
+class EpochMetrics(Callback):
+    """The metrics.csv rows: the mean step loss of the epoch, then the test loss and
+    accuracy and the training accuracy (evaluated after the epoch), and the solver's step
+    seconds; appended to ``path`` when given."""
+
+    def __init__(self, problem: Problem, train_data: tuple[Tensor, Tensor],
+                 test_data: tuple[Tensor, Tensor], *, history: list[dict[str, Any]],
+                 step_seconds: float = 0.0, path: Path | None = None) -> None:
+        self.problem, self.train_data, self.test_data = problem, train_data, test_data
+        self.history, self.step_seconds, self.path = history, step_seconds, path
+        self.losses: list[Tensor] = []
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.losses = []
+
+    def on_step(self, event: StepEvent) -> None:
+        self.losses.append(event.info.loss.detach())  # the mean is taken on the device
+        self.step_seconds += event.info.seconds
+
+    def on_epoch_end(self, end: EpochEnd) -> str | None:
+        # Epoch end: the one place the metrics are read to the host. The mean of the finite
+        # step losses (a rejected step on a bad batch reports NaN; it changed nothing).
+        losses = torch.stack(self.losses)
+        finite = torch.isfinite(losses)
+        train_loss = float(torch.where(finite, losses, 0).sum() / finite.sum())
+        test_loss, test_acc = evaluate(self.problem, *self.test_data)
+        _, train_acc = evaluate(self.problem, *self.train_data)
+        row = {
+            "epoch": end.epoch,
+            "train_loss": train_loss,
+            "test_loss": float(test_loss),
+            "test_accuracy": float(test_acc),
+            "train_accuracy": float(train_acc),
+            "seconds": end.seconds,
+            "steps": end.steps,
+        }
+        self.history.append(row)
+        if self.path is not None:
+            write_metrics(self.path, self.history)  # replaced atomically, every epoch
+        return None
+
+
+class Checkpoints(Callback):
+    """A checkpoint after every ``every``-th complete epoch and the last one (an epoch cut
+    short is not checkpointed), the newest ``keep`` kept. The state holds everything an
+    exact resume needs: controls, solver state, the batch generator, torch's RNG. Only a
+    good epoch is checkpointed: one whose losses (``good()``) are finite."""
+
+    def __init__(self, folder: Path | None, state: Callable[[int], dict[str, Any]], *,
+                 every: int, last_epoch: int, batches_per_epoch: int, keep: int,
+                 last: Path | None = None, good: Callable[[], bool] = lambda: True) -> None:
+        self.folder, self.state, self.every, self.last_epoch = folder, state, every, last_epoch
+        self.batches_per_epoch, self.keep, self.last = batches_per_epoch, keep, last
+        self.good = good
+
+    def on_epoch_end(self, end: EpochEnd) -> str | None:
+        complete = end.steps == self.batches_per_epoch
+        due = end.epoch % self.every == 0 or end.epoch == self.last_epoch
+        if self.folder is not None and complete and due and self.good():
+            self.last = ckpt.save_checkpoint(ckpt.checkpoint_path(self.folder, end.epoch),
+                                             self.state(end.epoch))
+            ckpt.prune_checkpoints(self.folder, self.keep)
+        return None
+
+
+class StopOnDivergence(Callback):
+    """Raise :class:`TrainingDiverged` at the first non-finite loss of an accepted step
+    (the loop's host read of the loss: the controls themselves are no longer finite; a
+    rejected step changed nothing and is counted by ``fit(max_rejected=...)``), and after
+    an epoch whose network evaluates to a non-finite loss (before it is checkpointed, so
+    it never becomes "the last good checkpoint")."""
+
+    def __init__(self, describe: str, batches_per_epoch: int, checkpoints: Checkpoints,
+                 history: list[dict[str, Any]] | None = None) -> None:
+        self.describe, self.batches_per_epoch, self.checkpoints = (describe, batches_per_epoch,
+                                                                   checkpoints)
+        self.history = history
+
+    def _where(self) -> str:
+        last = self.checkpoints.last
+        return (f"the last good checkpoint is {last}" if last is not None
+                else "no checkpoint was written yet")
+
+    def on_step(self, event: StepEvent) -> None:
+        if math.isfinite(event.loss) or not event.accepted:
+            return
+        raise TrainingDiverged(
+            f"the loss became {event.loss} at epoch {event.epoch}, step "
+            f"{event.step_in_epoch} of {self.batches_per_epoch} ({self.describe}); training "
+            f"stopped and {self._where()}. Lower the learning rate (--lr) or use another solver"
+        )
+
+    def on_epoch_end(self, end: EpochEnd) -> str | None:
+        if not self.history or self.history[-1].get("epoch") != end.epoch:
+            return None
+        row = self.history[-1]
+        if _finite_row(row):
+            return None
+        raise TrainingDiverged(
+            f"after epoch {end.epoch} the network evaluates to a non-finite loss (train "
+            f"{row['train_loss']}, test {row['test_loss']}; {self.describe}); training "
+            f"stopped, the epoch was not checkpointed and {self._where()}. Lower the "
+            "learning rate (--lr) or use another solver"
+        )
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the run's steps (on a terminal only); closed by :meth:`close`."""
+
+    def __init__(self, total: int, enabled: bool, desc: str,
+                 history: list[dict[str, Any]]) -> None:
+        self.bar = _progress_bar(total, enabled, desc)
+        self.history = history
+
+    def on_step(self, event: StepEvent) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_epoch_end(self, end: EpochEnd) -> str | None:
+        if self.bar is not None and self.history:
+            row = self.history[-1]
+            self.bar.set_postfix(epoch=end.epoch, loss=f"{row['train_loss']:.4g}",
+                                 test_acc=f"{row['test_accuracy']:.3f}")
+        return None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------- train
@@ -327,59 +695,114 @@ def _train(config: TrainConfig, resume: Path | None) -> dict[str, Any]:
             torch.distributed.destroy_process_group()
 
 
-def _train_ranked(config: TrainConfig, resume: Path | None, comm: Any) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    rank = 0 if comm is None else comm.rank
-    world = 1 if comm is None else comm.world_size
-    state: dict[str, Any] | None = None
-    resumed_from: Path | None = None
-    if resume is not None:
-        state, resumed_from = _load_resume_state(Path(resume))
-        if config.out is None:
-            rp = Path(resume)
-            run_dir = rp.parent if rp.is_file() else rp
-            if run_dir.name == ckpt.CHECKPOINT_DIR:
-                run_dir = run_dir.parent
-            config = dataclasses.replace(config, out=run_dir)
-        saved = state.get("config", {})
-        now = config.to_dict()
-        hard, soft = _config_mismatch(saved, now)
-        if hard:
-            raise CheckpointError(
-                f"cannot resume from {resumed_from}: the configuration differs in "
-                f"{_describe(hard, saved, now)}; resume with the same settings or start a "
-                "new run with another --out"
-            )
-        if soft:
-            warnings.warn(
-                f"resuming {resumed_from} with changed {_describe(soft, saved, now)}: the run "
-                "continues but is not identical to an uninterrupted one",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+def _run_dir(resume: Path) -> Path:
+    """The run directory of a ``--resume`` path (the directory, its checkpoints/, a file)."""
+    rp = Path(resume)
+    run_dir = rp.parent if rp.is_file() else rp
+    if run_dir.name == ckpt.CHECKPOINT_DIR:
+        run_dir = run_dir.parent
+    return run_dir
 
-    out = None if config.out is None else Path(config.out)
-    ckpt_dir = None if out is None else out / ckpt.CHECKPOINT_DIR
+
+def _resume(config: TrainConfig, resume: Path
+            ) -> tuple[dict[str, Any], Path, list[Path]]:
+    """(the newest checkpoint state that loads, its path, every candidate); a configuration
+    that forbids resuming is refused, one that changes the run warned."""
+    candidates = _candidates(Path(resume))
+    state, resumed_from = _load_resume_state(Path(resume))
+    saved = state.get("config", {})
+    if not isinstance(saved, dict):
+        saved = {}
+    now = config.to_dict()
+    hard, soft = _config_mismatch(saved, now)
+    if hard:
+        raise CheckpointError(
+            f"cannot resume from {resumed_from}: the configuration differs in "
+            f"{_describe(hard, saved, now)}; resume with the same settings or start a "
+            "new run with another --out"
+        )
+    if soft:
+        warnings.warn(
+            f"resuming {resumed_from} with changed {_describe(soft, saved, now)}: the run "
+            "continues but is not identical to an uninterrupted one",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return state, resumed_from, candidates
+
+
+def _claim_output(out: Path | None, fresh: bool, overwrite: bool, comm: Any, rank: int,
+                  lock: RunLock | None) -> bool:
+    """Create ``out`` and take its lock on rank 0 (whether this rank writes files); a fresh
+    run into a directory holding checkpoints is refused on every rank unless ``overwrite``.
+    Stale temporary files of killed runs are removed once the lock is held."""
     write = out is not None and rank == 0  # only rank 0 writes files
-    refused: ConfigError | None = None
+    refused: OcnetError | None = None
     if write:
-        out.mkdir(parents=True, exist_ok=True)
-        if state is None and ckpt.find_checkpoints(out):
-            if not config.overwrite:
-                refused = ConfigError(
-                    f"{out} already holds the checkpoints of a run; continue it with "
-                    f"--resume {out}, choose another --out, or pass --overwrite"
-                )
-            else:
+        assert out is not None and lock is not None
+        try:
+            if not lock.held:
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except FileExistsError:
+                    raise ConfigError(f"--out {out} is a file, not a directory; choose a "
+                                      "directory path") from None
+                except OSError as err:
+                    raise ConfigError(f"--out {out} cannot be created ({err.strerror or err}); "
+                                      "choose a directory you can write to") from None
+                lock.acquire()
+            if fresh and ckpt.find_checkpoints(out):
+                if not overwrite:
+                    raise ConfigError(
+                        f"{out} already holds the checkpoints of a run; continue it with "
+                        f"--resume {out}, choose another --out, or pass --overwrite"
+                    )
                 for p in ckpt.find_checkpoints(out):
                     p.unlink()
+            ckpt.clean_stale_temp(out, out / ckpt.CHECKPOINT_DIR)
+        except OcnetError as err:
+            refused = err
     if comm is not None and comm.any(refused is not None) and refused is None:
         raise ConfigError(f"rank 0 refused the output directory {out} (see its error); "
                           "use --resume, another --out or --overwrite")
     if refused is not None:
         raise refused
+    return write
 
-    # ---- set-up (seeded: the same seed gives the same data, weights and batches)
+
+def _train_ranked(config: TrainConfig, resume: Path | None, comm: Any) -> dict[str, Any]:
+    rank = 0 if comm is None else comm.rank
+    if resume is not None and config.out is None:
+        config = dataclasses.replace(config, out=_run_dir(resume))
+    out = None if config.out is None else Path(config.out)
+    lock = RunLock(out) if out is not None and rank == 0 else None
+    if lock is not None:
+        assert out is not None
+        _check_out_path(out)  # nothing is written before everything is checked
+        if out.is_dir():  # an existing run directory (a resume): lock it before reading it
+            lock.acquire()
+    try:
+        return _train_locked(config, resume, comm, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config: TrainConfig, resume: Path | None, comm: Any,
+                  lock: RunLock | None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    rank = 0 if comm is None else comm.rank
+    world = 1 if comm is None else comm.world_size
+    state: dict[str, Any] | None = None
+    resumed_from: Path | None = None
+    candidates: list[Path] = []
+    if resume is not None:
+        state, resumed_from, candidates = _resume(config, resume)
+    out = None if config.out is None else Path(config.out)
+    ckpt_dir = None if out is None else out / ckpt.CHECKPOINT_DIR
+
+    # ---- set-up (seeded: the same seed gives the same data, weights and batches); all of
+    # it before the output directory is created, so a refused run leaves nothing behind
     device = resolve_device(config.device)
     if comm is not None and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's GPU
@@ -396,14 +819,16 @@ def _train_ranked(config: TrainConfig, resume: Path | None, comm: Any) -> dict[s
     x_tr, y_tr, x_te, y_te = to_device(ds.x_train, ds.y_train, ds.x_test, ds.y_test,
                                        device=device, dtype=dtype)
     problem.check(x_tr[: min(4, x_tr.shape[0])], y_tr[: min(4, x_tr.shape[0])])
+    record = solver_entry(config.solver)
+    if comm is not None and not record.data_parallel:
+        names = ", ".join(r.name for r in solver_records() if r.data_parallel)
+        raise ConfigError(
+            f"solver {config.solver!r} does not support data parallelism (it needs the "
+            f"whole batch in one process); run it without torchrun, or use {names}"
+        )
     solver = make_solver(config.solver, problem, lr=config.lr, **config.solver_options)
+    lr = config.lr if config.lr is not None else record.lr(config.solver_options)
     if comm is not None:
-        if not getattr(solver, "supports_comm", False):
-            raise ConfigError(
-                f"solver {config.solver!r} does not support data parallelism (it needs the "
-                "whole batch in one process); run it without torchrun, or use sgd, momentum, "
-                "rmsprop, adam, ddpnopt, msa, emsa, phb or phb-goal"
-            )
         _check_divisible(x_tr.shape[0], config.batch_size, world)
         solver.comm = comm
     gen = torch.Generator(device="cpu")
@@ -413,11 +838,8 @@ def _train_ranked(config: TrainConfig, resume: Path | None, comm: Any) -> dict[s
     start_epoch = 0
     step_seconds = 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        solver.load_state_dict(state["solver"])
-        gen.set_state(state["generator"])
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
+        assert resumed_from is not None
+        state, resumed_from = _restore(candidates, (state, resumed_from), model, solver, gen)
         history = list(state.get("metrics", []))
         start_epoch = int(state["epoch"])
         step_seconds = float(state.get("step_seconds", 0.0))
@@ -432,92 +854,59 @@ def _train_ranked(config: TrainConfig, resume: Path | None, comm: Any) -> dict[s
     if comm is not None:  # identical starting controls on every rank
         comm.broadcast_(problem.parameters(), src=0)
 
+    write = _claim_output(out, state is None, config.overwrite, comm, rank, lock)
     if write:
+        assert out is not None
         _write_json(out / "config.json", config.to_dict())
-        _write_metrics(out / "metrics.csv", history)  # a resumed run drops later rows
+        write_metrics(out / "metrics.csv", history)  # a resumed run drops later rows
 
     n_batches = -(-x_tr.shape[0] // config.batch_size)
-    bar = _progress_bar(n_batches * max(config.epochs - start_epoch, 0),
-                        config.progress and rank == 0,
-                        f"{config.solver} on {config.data}")
-    last_ckpt: Path | None = resumed_from
-    deadline = None if config.max_seconds is None else time.perf_counter() + config.max_seconds
-    stopped: str | None = None
+
+    def epoch_batches(epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
+        drawn = batches(x_tr, y_tr, config.batch_size, generator=gen)  # drawn now: exact
+        if comm is None:
+            return drawn
+        return (dp_shard(xb, yb, rank, world) for xb, yb in drawn)  # this rank's shard
+
+    metrics = EpochMetrics(problem, (x_tr, y_tr), (x_te, y_te), history=history,
+                           step_seconds=step_seconds,
+                           path=out / "metrics.csv" if write else None)
+
+    def checkpoint_state(epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "solver": solver.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "metrics": history,
+            "step_seconds": metrics.step_seconds,
+            "config": config.to_dict(),
+        }
+
+    checkpoints = Checkpoints(ckpt_dir if write else None, checkpoint_state,
+                              every=config.checkpoint_every, last_epoch=config.epochs,
+                              batches_per_epoch=n_batches, keep=config.keep_checkpoints,
+                              last=resumed_from,
+                              good=lambda: bool(history) and _finite_row(history[-1]))
+    progress = ProgressBar(n_batches * max(config.epochs - start_epoch, 0),
+                           config.progress and rank == 0, f"{config.solver} on {config.data}",
+                           history)
+    callbacks: list[Callback] = [
+        metrics,
+        StopOnDivergence(f"solver {config.solver}, lr {lr}", n_batches, checkpoints, history),
+        progress,
+        checkpoints,
+    ]
+    if config.max_seconds is not None:
+        callbacks.append(TimeBudget(config.max_seconds, comm=comm))
     try:
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            t0 = time.perf_counter()
-            losses: list[Tensor] = []
-            for step_in_epoch, (xb, yb) in enumerate(
-                batches(x_tr, y_tr, config.batch_size, generator=gen), start=1
-            ):
-                if comm is not None:  # this rank's shard of the global batch
-                    xb, yb = dp_shard(xb, yb, rank, world)
-                info = solver.step(xb, yb)
-                loss = info.loss.detach()
-                losses.append(loss)
-                step_seconds += info.seconds
-                # Between steps: one host read so training never continues on NaN/inf.
-                if not bool(torch.isfinite(loss)):
-                    where = (
-                        f"the last good checkpoint is {last_ckpt}" if last_ckpt is not None
-                        else "no checkpoint was written yet"
-                    )
-                    raise TrainingDiverged(
-                        f"the loss became {float(loss)} at epoch {epoch}, step "
-                        f"{step_in_epoch} of {n_batches} (solver {config.solver}, lr "
-                        f"{getattr(solver, 'lr', config.lr)}); training stopped and {where}. "
-                        "Lower the learning rate (--lr) or use another solver"
-                    )
-                if bar is not None:
-                    bar.update(1)
-                if deadline is not None:
-                    late = time.perf_counter() > deadline
-                    if comm is not None:  # every rank must stop at the same step
-                        late = comm.any(late)
-                    if late:
-                        stopped = "time budget"
-                        break
-            train_seconds = time.perf_counter() - t0
-            # Epoch end: the one place tensors are read to the host.
-            train_loss = float(torch.stack(losses).mean())
-            test_loss, test_acc = evaluate(problem, x_te, y_te)
-            _, train_acc = evaluate(problem, x_tr, y_tr)
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "test_loss": float(test_loss),
-                "test_accuracy": float(test_acc),
-                "train_accuracy": float(train_acc),
-                "seconds": train_seconds,
-                "steps": len(losses),
-            }
-            history.append(row)
-            if bar is not None:
-                bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4g}",
-                                test_acc=f"{row['test_accuracy']:.3f}")
-            if write:
-                _append_metrics(out / "metrics.csv", row)
-                complete = len(losses) == n_batches  # an epoch cut short is not checkpointed
-                if complete and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
-                    last_ckpt = ckpt.save_checkpoint(
-                        ckpt.checkpoint_path(ckpt_dir, epoch),
-                        {
-                            "epoch": epoch,
-                            "model": model.state_dict(),
-                            "solver": solver.state_dict(),
-                            "generator": gen.get_state(),
-                            "torch_rng": torch.get_rng_state(),
-                            "metrics": history,
-                            "step_seconds": step_seconds,
-                            "config": config.to_dict(),
-                        },
-                    )
-                    ckpt.prune_checkpoints(ckpt_dir, config.keep_checkpoints)
-            if stopped is not None:
-                break
+        result = fit(solver, epoch_batches, epochs=config.epochs, start_epoch=start_epoch,
+                     callbacks=callbacks, max_rejected=config.max_rejected or None)
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
+    stopped = result.stopped
+    step_seconds = metrics.step_seconds
 
     steps = int(solver.steps)
     final = history[-1] if history else {}
@@ -533,7 +922,7 @@ def _train_ranked(config: TrainConfig, resume: Path | None, comm: Any) -> dict[s
         "final_train_accuracy": final.get("train_accuracy"),
         "epochs": len(history),
         "seed": config.seed,
-        "lr": getattr(solver, "lr", config.lr),
+        "lr": lr,
         "n_controls": problem.num_controls(),
         "stages": problem.T,
         "device": str(device),
@@ -577,12 +966,24 @@ def _write_plots(out: Path, history: list[dict[str, Any]], problem: Problem, ds:
                  config: TrainConfig, x_te: Tensor, y_te: Tensor) -> None:
     from . import plots
 
+    def atomic(draw: Callable[[Path], None], path: Path) -> None:
+        # matplotlib picks the format from the suffix: the temporary name keeps it
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+        try:
+            draw(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     if history:
-        plots.plot_losses(history, out / "loss.png",
-                          title=f"{config.solver} on {config.data} ({config.model})")
+        atomic(lambda p: plots.plot_losses(
+            history, p, title=f"{config.solver} on {config.data} ({config.model})"),
+            out / "loss.png")
     if ds.n_features == 2:
-        plots.plot_decision_boundary(problem, (x_te, y_te), out / "decision_boundary.png",
-                                     title=f"{config.model} / {config.solver} on {config.data}")
+        atomic(lambda p: plots.plot_decision_boundary(
+            problem, (x_te, y_te), p, title=f"{config.model} / {config.solver} on {config.data}"),
+            out / "decision_boundary.png")
         if config.model == "resnet":
             n = min(150, x_te.shape[0])
-            plots.plot_trajectories(problem, x_te[:n], y_te[:n], out / "trajectories.png")
+            atomic(lambda p: plots.plot_trajectories(problem, x_te[:n], y_te[:n], p),
+                   out / "trajectories.png")

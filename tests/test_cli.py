@@ -16,7 +16,7 @@ from ocnet.cli import cli, parse_option_value
 from ocnet.data import DATASETS
 from ocnet.demo import run_demo
 from ocnet.ocp.errors import ConfigError
-from ocnet.solvers import base, solver_names
+from ocnet.solvers import SolverRecord, registry, solver_entry, solver_names
 from ocnet.solvers.gradient import GradientSolver
 from ocnet.train import SUMMARY_KEYS
 
@@ -108,8 +108,13 @@ def test_corrupted_checkpoint_on_resume_is_reported(tmp_path):
 def test_listings():
     r = _run(["solvers"])
     assert r.exit_code == 0
-    names = [line.split()[0] for line in r.output.strip().splitlines()]
+    lines = r.output.strip().splitlines()
+    names = [line.split()[0] for line in lines]
     assert names == solver_names() and {"sgd", "momentum", "rmsprop", "adam"} <= set(names)
+    for name, line in zip(names, lines, strict=True):  # the registry's facts, e.g. "lr 0.001"
+        record = solver_entry(name)
+        assert record.summary in line and record.cost in line
+        assert ("data parallel" in line) == record.data_parallel
     r = _run(["datasets"])
     assert r.exit_code == 0 and r.output.split() == list(DATASETS)
 
@@ -158,8 +163,10 @@ def _not_applicable(problem, lr=None, **kw):
 
 
 def test_demo_kills_a_stalled_solver_and_skips_inapplicable_ones(tmp_path, monkeypatch):
-    monkeypatch.setitem(base._REGISTRY, "test-stall", (_stalling, "stalls"))
-    monkeypatch.setitem(base._REGISTRY, "test-na", (_not_applicable, "not applicable"))
+    monkeypatch.setitem(registry._REGISTRY, "test-stall",
+                        SolverRecord("test-stall", _stalling, "stalls", _Stalls))
+    monkeypatch.setitem(registry._REGISTRY, "test-na",
+                        SolverRecord("test-na", _not_applicable, "not applicable"))
     t0 = time.perf_counter()
     r = run_demo(tmp_path, solvers=["test-stall", "test-na"], quick=True, budget=1.0,
                  grace=2.0, progress=False, spirals=False)

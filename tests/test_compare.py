@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from ocnet.bridge import to_problem
 from ocnet.compare import (
     SETTINGS,
-    _default_lr,
+    SKIP,
     _metrics,
     build_setting,
     compare,
@@ -22,10 +22,10 @@ from ocnet.compare import (
     run_compare,
     run_isolated,
     run_one,
+    skipped_solvers,
 )
 from ocnet.ocp.errors import ConfigError
-from ocnet.solvers import StepInfo, make_solver
-from ocnet.solvers import base as solver_base
+from ocnet.solvers import StepInfo, register, solver_entry, solver_records, unregister
 from ocnet.solvers.gradient import GradientSolver
 
 
@@ -35,12 +35,12 @@ def temp_solver():
     added = []
 
     def add(name, factory):
-        solver_base.register(name, factory, "test solver")
+        register(name, factory, "test solver")
         added.append(name)
 
     yield add
     for name in added:
-        solver_base._REGISTRY.pop(name, None)
+        unregister(name)
 
 
 def test_settings_have_the_protocol_shapes():
@@ -77,12 +77,17 @@ def test_metrics_match_direct_computation():
             assert got_metric == pytest.approx(float((out.argmax(1) == y).float().mean()))
 
 
-def test_default_lr_is_read_from_the_solver():
-    model, loss, _ = build_setting(SETTINGS["mlp-digits"], seed=0, n_train=200)
-    problem = to_problem(model, loss)
-    assert _default_lr(make_solver("adam", problem)) == pytest.approx(1e-3)
-    assert _default_lr(make_solver("sgd", problem)) == pytest.approx(0.1)
-    assert _default_lr(make_solver("phb", problem)) == pytest.approx(0.25)
+def test_default_lr_and_skips_are_read_from_the_registry():
+    assert solver_entry("adam").lr() == pytest.approx(1e-3)
+    assert solver_entry("sgd").lr() == pytest.approx(0.1)
+    assert solver_entry("phb").lr() == pytest.approx(0.25)
+    assert solver_entry("ddpnopt").lr({"base": "sgd"}) == pytest.approx(0.1)
+    assert solver_entry("ipopt").lr() is None
+    assert set(SKIP) == set(skipped_solvers()) == {r.name for r in solver_records()
+                                                   if r.reference} == {"ipopt"}
+    assert "exact reference" in SKIP["ipopt"]
+    c = run_one(SETTINGS["mlp-digits"], "ipopt", 3.0, seed=0, epochs=1, n_train=200)
+    assert c["status"] == "skipped: the solver has no learning rate to sweep"
 
 
 def test_run_one_is_seeded_and_starts_every_solver_from_the_same_weights():

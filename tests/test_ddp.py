@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ddp_reference import reference_backward
 from torch import nn
 
 from ocnet.bridge import to_problem
@@ -20,7 +21,6 @@ from ocnet.dynamics import (
 )
 from ocnet.models import build_model
 from ocnet.ocp import FunctionStage, Problem
-from ocnet.solvers._ddp_reference import reference_backward
 from ocnet.solvers.base import make_solver
 from ocnet.solvers.ddp import DDP
 

@@ -10,7 +10,7 @@ import pytest
 from ocnet import demo
 from ocnet.compare import SKIP
 from ocnet.ocp.errors import ConfigError
-from ocnet.solvers import base, solver_names
+from ocnet.solvers import SolverRecord, registry, solver_names
 
 
 def _not_applicable(problem, lr=None, **kw):
@@ -18,7 +18,8 @@ def _not_applicable(problem, lr=None, **kw):
 
 
 def test_tiny_demo_writes_results_and_figures(tmp_path, monkeypatch):
-    monkeypatch.setitem(base._REGISTRY, "test-na", (_not_applicable, "not applicable"))
+    monkeypatch.setitem(registry._REGISTRY, "test-na",
+                        SolverRecord("test-na", _not_applicable, "not applicable"))
     r = demo.run_demo(tmp_path, solvers=["adam", "sgd", "test-na"], epochs=1, quick=True,
                       budget=5.0, progress=False)
     md = (tmp_path / "results.md").read_text()

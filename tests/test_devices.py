@@ -42,16 +42,17 @@ from torch import nn
 from ocnet.bridge import place, to_device, to_problem
 from ocnet.dynamics import AntisymmetricField, TimeMesh
 from ocnet.neural_ode.model import NeuralODE
-from ocnet.solvers import DCEM, NOVAS, UnrolledGD, make_solver, solver_names
+from ocnet.solvers import DCEM, NOVAS, UnrolledGD, make_solver, solver_names, solver_records
 from ocnet.solvers.dwr import full_indicators, indicators
 
 for _module in ("ocnet.solvers.ddp", "ocnet.solvers.ddpnopt"):  # registered when importable
     with contextlib.suppress(ImportError):
         importlib.import_module(_module)
 
-HOST_SOLVERS = {"ipopt"}  # host by design (CasADi/IPOPT), tested in test_ipopt.py
+#: solvers that solve on the host by design (CasADi/IPOPT; tested in test_ipopt.py)
+HOST_SOLVERS = {r.name for r in solver_records() if not r.on_device}
 #: solvers whose step contains an inherent host decision: run without the guard
-UNGUARDED = {"ddp"}
+UNGUARDED = {r.name for r in solver_records() if r.host_sync} - HOST_SOLVERS
 #: solvers whose only host read is torch.optim's CPU step counter (no device sync)
 CPU_COUNTER = {"ddpnopt"}
 SOLVERS = sorted((set(solver_names()) | {"ddp", "ddpnopt"}) - HOST_SOLVERS)
@@ -124,6 +125,9 @@ def _run(name: str, device: str, dtype: torch.dtype, *, emulate: bool = True,
     with torch.no_grad():
         j0 = float(problem.objective(x, y).detach())
     solver = make_solver(name, problem, **options)
+    # the device path of the finiteness guard (on a CPU problem it reads its flag on the
+    # host, which costs nothing there); checking a batch's values reads it on the host
+    solver.guard, solver.check_inputs = "device", False
     infos = [solver.step(x, y)]  # warm-up outside the guard (lazy state, caches)
     with _guard(device, emulate=emulate, guarded=guarded):
         for _ in range(3):
@@ -195,6 +199,7 @@ def test_neural_ode_problem_on_the_device(device: str, name: str) -> None:
     with torch.no_grad():
         j0 = float(problem.objective(x, y).detach())
     solver = make_solver(name, problem)
+    solver.guard, solver.check_inputs = "device", False  # as in _run
     solver.step(x, y)
     with _guard(device):
         for _ in range(3):

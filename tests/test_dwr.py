@@ -162,7 +162,7 @@ def test_uniform_mode_doubles_and_tolerance_stops():
 def test_adapt_command_writes_history_and_plots(tmp_path):
     from click.testing import CliRunner
 
-    from ocnet.neural_ode.adapt_cli import adapt
+    from ocnet.adapt import adapt
 
     res = CliRunner().invoke(adapt, ["--data", "donut", "--n-train", "100", "--n-test", "100",
                                      "--steps", "5", "--max-layers", "8", "--n0", "2",

@@ -11,9 +11,12 @@ import torch
 from ocnet import checkpoint as ckpt
 from ocnet import data as ocdata
 from ocnet import train as trainmod
+from ocnet.bridge import to_problem
 from ocnet.data import DataError
 from ocnet.ocp.errors import CheckpointError, ConfigError
+from ocnet.solvers import Solver, StepInfo
 from ocnet.solvers.gradient import GradientSolver
+from ocnet.solvers.loop import Callback, FitResult, TimeBudget, fit, minibatches
 from ocnet.train import SUMMARY_KEYS, TrainConfig, TrainingDiverged, train
 
 
@@ -151,3 +154,87 @@ def test_time_budget_stops_between_steps(tmp_path):
     assert s["history"][0]["steps"] == 1
     assert ckpt.find_checkpoints(tmp_path) == []  # a partial epoch is not checkpointed
     assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == "time budget"
+
+
+# --------------------------------------------------------------------------- the loop (fit)
+
+
+class _Alternating(Solver):
+    """Accepts every other step (accepted as a tensor, as DDP reports it); loss = step."""
+
+    name = "alternating"
+
+    def _step(self, x0, y):
+        return StepInfo(loss=torch.tensor(float(self.steps)),
+                        accepted=torch.tensor(self.steps % 2 == 0))
+
+
+class _Log(Callback):
+    def __init__(self, log, tag, stop_at=None):
+        self.log, self.tag, self.stop_at = log, tag, stop_at
+
+    def on_fit_start(self, solver):
+        self.log.append((self.tag, "fit_start"))
+
+    def on_epoch_start(self, epoch):
+        self.log.append((self.tag, "epoch_start", epoch))
+
+    def on_step(self, event):
+        self.log.append((self.tag, "step", event.epoch, event.step_in_epoch, event.loss,
+                         event.accepted))
+
+    def should_stop(self, event):
+        self.log.append((self.tag, "should_stop", event.step))
+        return "enough" if event.step == self.stop_at else None
+
+    def on_epoch_end(self, end):
+        self.log.append((self.tag, "epoch_end", end.epoch, end.steps, end.rejected, end.stopped))
+
+    def on_fit_end(self, result):
+        self.log.append((self.tag, "fit_end", result.steps, result.stopped))
+
+
+def _tiny_problem():
+    torch.manual_seed(0)
+    return to_problem(torch.nn.Sequential(torch.nn.Linear(2, 2)), "cross_entropy")
+
+
+def test_fit_calls_the_callbacks_in_order_and_counts_rejected_steps():
+    log = []
+    solver = _Alternating(_tiny_problem())
+    x, y = torch.zeros(6, 2), torch.zeros(6, dtype=torch.long)
+    result = fit(solver, lambda e: minibatches(x, y, 3, shuffle=False), epochs=2,
+                 callbacks=[_Log(log, "a"), _Log(log, "b")])
+    assert result == FitResult(epochs=2, steps=4, rejected=2, step_seconds=result.step_seconds,
+                               stopped=None, last_loss=3.0)
+    assert log[:5] == [("a", "fit_start"), ("b", "fit_start"), ("a", "epoch_start", 1),
+                       ("b", "epoch_start", 1), ("a", "step", 1, 1, 0.0, True)]
+    assert log[5:8] == [("b", "step", 1, 1, 0.0, True), ("a", "should_stop", 1),
+                        ("b", "should_stop", 1)]
+    assert ("a", "step", 1, 2, 1.0, False) in log  # the second step is rejected, and counted
+    assert log[-4:] == [("a", "epoch_end", 2, 2, 1, None), ("b", "epoch_end", 2, 2, 1, None),
+                        ("a", "fit_end", 4, None), ("b", "fit_end", 4, None)]
+
+
+def test_fit_stops_when_a_callback_says_so_and_the_time_budget_runs_out():
+    x, y = torch.zeros(6, 2), torch.zeros(6, dtype=torch.long)
+    log = []
+    result = fit(_Alternating(_tiny_problem()), [(x, y)] * 3, epochs=5,
+                 callbacks=[_Log(log, "a", stop_at=4), _Log(log, "b")])
+    assert result.stopped == "enough" and result.steps == 4 and result.epochs == 2
+    assert ("b", "should_stop", 4) in log  # every callback is asked at every step
+    assert ("a", "epoch_end", 2, 1, 1, "enough") in log  # the cut epoch still ends
+    budget = fit(_Alternating(_tiny_problem()), [(x, y)] * 3, epochs=1000,
+                 callbacks=[TimeBudget(0.05)])
+    assert budget.stopped == "time budget" and 0 < budget.steps < 3000
+    with pytest.raises(ConfigError, match="subclass Callback"):
+        fit(_Alternating(_tiny_problem()), [(x, y)], epochs=1, callbacks=[object()])
+
+
+def test_minibatches_cover_every_sample_once_and_allow_no_targets():
+    x = torch.arange(10.0)[:, None]
+    g = torch.Generator().manual_seed(0)
+    got = torch.cat([xb for xb, yb in minibatches(x, None, 4, generator=g) if yb is None])
+    assert sorted(got[:, 0].tolist()) == list(range(10))
+    with pytest.raises(DataError, match="batch_size must be a positive int"):
+        minibatches(x, None, 0)

@@ -1,15 +1,29 @@
+// MathJax 3 is shipped inside the site (javascripts/mathjax/, copied at build time by
+// tools/mkdocs_hooks.py): no formula needs a network to render.
+// Markdown pages: pymdownx.arithmatex (generic mode) wraps every formula in an element of
+// class "arithmatex" with \( \) or \[ \] delimiters. Notebook pages (mkdocs-jupyter) keep
+// Jupyter's $ and $$ in their markdown cells (class "jp-RenderedMarkdown"). MathJax ignores
+// every element that has a class (the theme's chrome, code, outputs) unless the class is
+// one of these two; inside them it reads the class-less elements (<p>, <li>, ...).
 window.MathJax = {
   tex: {
-    inlineMath: [["\\(", "\\)"]],
-    displayMath: [["\\[", "\\]"]],
+    inlineMath: [["\\(", "\\)"], ["$", "$"]],
+    displayMath: [["\\[", "\\]"], ["$$", "$$"]],
     processEscapes: true,
     processEnvironments: true
   },
   options: {
-    ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex"
+    ignoreHtmlClass: ".+",
+    processHtmlClass: "arithmatex|jp-RenderedMarkdown"
   }
 };
 document$.subscribe(() => {
-  MathJax.typesetPromise && MathJax.typesetPromise();
+  // (on the first page MathJax typesets by itself once loaded; this re-typesets after
+  // Material swaps a page's content)
+  if (window.MathJax && MathJax.typesetPromise && MathJax.startup && MathJax.startup.output) {
+    MathJax.startup.output.clearCache();
+    MathJax.typesetClear();
+    MathJax.texReset();
+    MathJax.typesetPromise();
+  }
 });

@@ -2,40 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 from torch.func import hessian, jacrev, vmap
 
 from ..ocp.problem import Problem
-from ..ocp.stage import Controls, Stage
-
-
-def flatten_controls(controls: Sequence[Controls], like: Tensor | None = None) -> Tensor:
-    """All controls in one vector (stage by stage, tensor by tensor).
-
-    With no control tensors at all (e.g. a flatten stage) the result is an empty vector,
-    on ``like``'s device and dtype when given.
-    """
-    parts = [u.reshape(-1) for us in controls for u in us]
-    if not parts:
-        return torch.zeros(0) if like is None else like.new_zeros(0)
-    return torch.cat(parts)
-
-
-def unflatten_controls(vector: Tensor, like: Sequence[Controls]) -> list[Controls]:
-    """The inverse of :func:`flatten_controls`, shaped like ``like``."""
-    out, k = [], 0
-    for us in like:
-        stage = []
-        for u in us:
-            stage.append(vector[k:k + u.numel()].reshape(u.shape))
-            k += u.numel()
-        out.append(tuple(stage))
-    if k != vector.numel():
-        raise ValueError(f"vector has {vector.numel()} entries, the controls {k}")
-    return out
+from ..ocp.stage import Controls, Stage, flatten_controls, unflatten_controls
 
 
 def stage_jacobians(stage: Stage, x: Tensor, u: Controls | None = None

@@ -8,42 +8,33 @@ solver that updates the problem trains the module.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
+import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..ocp.errors import ConfigError, ShapeError, unknown_name
+from ..dynamics.activations import ACTIVATIONS
+from ..dynamics.blocks import AffineModule
+from ..ocp.errors import CapabilityError, ConfigError, ShapeError
+from ..ocp.losses import LOSSES, resolve_loss
 from ..ocp.problem import Problem
-from ..ocp.stage import Controls, Stage
+from ..ocp.stage import Controls, Stage, flatten_controls
+from ..ocp.structure import Affine, CostDerivatives
 
 _ELEMENTWISE = (
     nn.Identity, nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Softplus, nn.ELU, nn.GELU, nn.LeakyReLU,
     nn.SiLU, nn.Softsign, nn.Hardtanh, nn.ReLU6, nn.Mish, nn.SELU, nn.CELU, nn.Tanhshrink,
 )
-_BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_BATCH_COUPLED = (nn.modules.batchnorm._BatchNorm,)
+_RECURRENT = (nn.RNNBase,)
 _RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
+__all__ = ["LOSSES", "ModuleStage", "resolve_loss", "to_problem"]
 
-
-class _CheckedMSELoss(nn.MSELoss):
-    """``nn.MSELoss`` that refuses to broadcast: output and target must have one shape."""
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:  # noqa: A002
-        if input.shape != target.shape:
-            raise ShapeError(
-                f"mse: the network output has shape {tuple(input.shape)} but the targets have "
-                f"shape {tuple(target.shape)}; they must be equal (broadcasting would compare "
-                "every output with every target). Reshape the targets, e.g. y.reshape(out.shape)"
-            )
-        return super().forward(input, target)
-
-
-LOSSES: dict[str, Callable[[], Callable[[Tensor, Tensor], Tensor]]] = {
-    "cross_entropy": lambda: nn.CrossEntropyLoss(),
-    "mse": lambda: _CheckedMSELoss(),
-}
 
 
 def _trainable(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -107,6 +98,44 @@ class ModuleStage(Stage):
             return None
         return 0.5 * self.weight_decay * sum((v * v).sum() for v in u)
 
+    def cost_derivatives(self, x: Tensor, u: Controls) -> CostDerivatives | None:
+        """l = wd/2 |u|^2: l_u = wd u, l_uu = wd I, no state terms (closed form)."""
+        if self.weight_decay <= 0:
+            return None
+        uf = flatten_controls([u], like=x).detach().to(x)
+        wd, m, n = self.weight_decay, uf.numel(), x.numel()
+        z = x.new_zeros
+        return CostDerivatives(z(n), wd * uf, z(n, n), z(m, n),
+                               wd * torch.eye(m, dtype=x.dtype, device=x.device))
+
+    def affine(self) -> Affine | None:
+        """The affine description of an nn.Linear / nn.Conv2d / AffineModule stage."""
+        p, names = self.parametric, self._names
+        around = {"before": tuple(self.before), "after": tuple(self.after)}
+        if isinstance(p, AffineModule):
+            full = list(p.parameter_names)
+            if names not in (full[:1], full):
+                return None
+            aff = p.affine(has_bias=len(names) == 2)
+            return dataclasses.replace(aff, **around)
+        if not isinstance(p, nn.Linear | nn.Conv2d) or names not in (["weight"],
+                                                                     ["weight", "bias"]):
+            return None
+        has_bias = "bias" in names
+        fixed = None if has_bias else p.bias
+        identity = ACTIVATIONS["identity"]
+        if isinstance(p, nn.Linear):
+            return Affine("linear", identity, "identity", has_bias=has_bias, fixed_bias=fixed,
+                          **around)
+        if p.padding_mode != "zeros" or isinstance(p.padding, str):
+            raise CapabilityError(
+                f"stage {self.describe()}: a Conv2d with padding_mode={p.padding_mode!r} and "
+                f"padding={p.padding!r} has no affine description; use padding_mode='zeros' "
+                "and give the padding as numbers"
+            )
+        return Affine("conv", identity, "identity", has_bias=has_bias, fixed_bias=fixed,
+                      conv=(p.stride, p.padding, p.dilation, p.groups), **around)
+
 
 def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     out = []
@@ -121,18 +150,6 @@ def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
         else:
             out.append((path, child))
     return out
-
-
-def resolve_loss(loss: str | Callable[[Tensor, Tensor], Tensor]) -> Callable:
-    """A terminal cost from a name (``cross_entropy``, ``mse``) or a callable ``loss(out, y)``."""
-    if isinstance(loss, str):
-        try:
-            return LOSSES[loss]()
-        except KeyError:
-            raise unknown_name("loss", loss, list(LOSSES)) from None
-    if not callable(loss):
-        raise ConfigError(f"loss must be a callable loss(output, target) or a name, got {loss!r}")
-    return loss
 
 
 def to_problem(module: nn.Module, loss: str | Callable[[Tensor, Tensor], Tensor],
@@ -150,8 +167,9 @@ def to_problem(module: nn.Module, loss: str | Callable[[Tensor, Tensor], Tensor]
             f"{type(module).__name__}. Put the layers in nn.Sequential, or build the stages "
             "yourself with ocnet.ocp.FunctionStage / ocnet.dynamics"
         )
-    if weight_decay < 0:
-        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not (isinstance(weight_decay, int | float) and math.isfinite(weight_decay)
+            and weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     leaves = _leaves(module)
     seen: dict[int, str] = {}
     groups: list[tuple[list[nn.Module], int]] = []
@@ -165,6 +183,20 @@ def to_problem(module: nn.Module, loss: str | Callable[[Tensor, Tensor], Tensor]
                     "so a sample's next state depends on the other samples and on the layer's "
                     "history; a stage must be a fixed function f(x, u). Remove it or use "
                     "nn.LayerNorm"
+                )
+            if isinstance(layer, nn.modules.instancenorm._InstanceNorm) and \
+                    layer.track_running_stats:
+                raise ConfigError(
+                    f"layer {sub_name} ({type(layer).__name__}) tracks running statistics, so "
+                    "its output depends on the layer's history; a stage must be a fixed "
+                    "function f(x, u). Use track_running_stats=False (the default)"
+                )
+            if isinstance(layer, _RECURRENT):
+                raise ConfigError(
+                    f"layer {sub_name} ({type(layer).__name__}) is recurrent: it returns "
+                    "(output, hidden state) and runs its own time loop, so it is not one "
+                    "stage f(x, u). Unroll it into cells (one stage per time step), or train "
+                    "the network with torch.optim"
                 )
             if isinstance(layer, _RANDOM):
                 raise ConfigError(

@@ -10,6 +10,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from ..ocp.stage import Controls
+from ..ocp.structure import Affine
 from .activations import activation
 
 
@@ -28,6 +29,11 @@ class VectorField(abc.ABC):
                       device: torch.device | str | None = None) -> Controls:
         """Fresh controls for one interval."""
 
+    def affine(self, h: float) -> Affine | None:
+        """The Euler step x + h F(x, u) as an :class:`~ocnet.ocp.structure.Affine`, or
+        ``None`` when the field does not describe one."""
+        return None
+
     @property
     def name(self) -> str:
         return type(self).__name__
@@ -44,6 +50,10 @@ class ActivationField(VectorField):
 
     def __call__(self, x: Tensor, u: Controls, t: float) -> Tensor:
         return self._act(F.linear(x, u[0], u[1]))
+
+    def affine(self, h: float) -> Affine | None:
+        """The Euler step x + h act(x K^T + b) as an affine description."""
+        return Affine("linear", self._act, self.activation_name, step=h)
 
     def init_controls(self, *, generator: torch.Generator | None = None,
                       dtype: torch.dtype | None = None,
@@ -76,6 +86,9 @@ class AntisymmetricField(ActivationField):
         k = u[0]
         eye = torch.eye(self.width, dtype=k.dtype, device=k.device)
         return self._act(F.linear(x, k - k.T - self.gamma * eye, u[1]))
+
+    def affine(self, h: float) -> Affine | None:
+        return None  # the control enters through K - K^T: not one affine map of (K, b)
 
     @property
     def name(self) -> str:

@@ -20,7 +20,14 @@ from torch import Tensor
 
 from ..ocp.errors import ShapeError
 from ..ocp.stage import Controls, Stage
-from .activations import activation
+from ..ocp.structure import Affine
+from .activations import Activation, activation
+
+
+def residual(x: Tensor, weight: Tensor, bias: Tensor | None, h: float, act: Activation) -> Tensor:
+    """x + h act(x W^T + b): the one residual block (a stage, a module and an Euler step of
+    an activation field all use it)."""
+    return x + h * act(F.linear(x, weight, bias))
 
 
 def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator | None,
@@ -61,6 +68,10 @@ class Dense(Stage):
     def f(self, x: Tensor, u: Controls) -> Tensor:
         return self._act(F.linear(x, u[0], u[1] if len(u) > 1 else None))
 
+    def affine(self) -> Affine:
+        return Affine("linear", self._act, self.activation_name,
+                      has_bias=len(self.controls) == 2)
+
 
 class Residual(Stage):
     """x+ = x + h act(x W^T + b): one explicit-Euler step of x' = act(W x + b)."""
@@ -90,7 +101,11 @@ class Residual(Stage):
         return cls(w, b, h, activation_name)
 
     def f(self, x: Tensor, u: Controls) -> Tensor:
-        return x + self.h * self._act(F.linear(x, u[0], u[1] if len(u) > 1 else None))
+        return residual(x, u[0], u[1] if len(u) > 1 else None, self.h, self._act)
+
+    def affine(self) -> Affine:
+        return Affine("linear", self._act, self.activation_name, step=self.h,
+                      has_bias=len(self.controls) == 2)
 
 
 class Conv2d(Stage):
@@ -130,6 +145,10 @@ class Conv2d(Stage):
         y = F.conv2d(x, u[0], u[1] if len(u) > 1 else None, stride=self.stride,
                      padding=self.padding)
         return self._act(y)
+
+    def affine(self) -> Affine:
+        return Affine("conv", self._act, self.activation_name, has_bias=len(self.controls) == 2,
+                      conv=(self.stride, self.padding, 1, 1))
 
 
 class Flatten(Stage):

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..ocp.errors import ShapeError
 from ..ocp.stage import Controls, Stage
+from ..ocp.structure import Affine
 from .fields import VectorField
 
 
@@ -109,6 +110,14 @@ class EulerStage(Stage):
 
     def cost(self, x: Tensor, u: Controls) -> Tensor | None:
         return None if self._cost_fn is None else self._cost_fn(x, u)
+
+    @property
+    def has_cost(self) -> bool:
+        return self._cost_fn is not None
+
+    def affine(self) -> Affine | None:
+        """x + h act(x K^T + b) when the field describes an affine part (else ``None``)."""
+        return self.field.affine(self.h)
 
 
 def euler_stages(field: VectorField, mesh: TimeMesh, controls: Sequence[Controls] | None = None,

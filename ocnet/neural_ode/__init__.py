@@ -2,12 +2,12 @@
 DG(0)-consistent regulariser, and torchdiffeq evaluation of the same controls."""
 
 from .model import LOSSES, LinearField, NeuralODE, NeuralODEProblem, make_field
-from .regularizer import DG0Regularizer, JumpCoupling
+from .regularizer import DG0Regularizer, JumpPenalty
 
 __all__ = [
     "LOSSES",
     "DG0Regularizer",
-    "JumpCoupling",
+    "JumpPenalty",
     "LinearField",
     "NeuralODE",
     "NeuralODEProblem",

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from ..dynamics import (
@@ -33,16 +32,14 @@ from ..dynamics import (
     ZeroPad,
 )
 from ..ocp.errors import ConfigError, ShapeError, unknown_name
-from ..ocp.problem import Problem, Trajectory
+from ..ocp.losses import LOSSES, Loss, resolve_loss
+from ..ocp.problem import Problem
 from ..ocp.stage import Controls, Stage
-from .regularizer import DG0Regularizer, JumpCoupling
+from .regularizer import DG0Regularizer, JumpPenalty
 
-Loss = Callable[[Tensor, Tensor | None], Tensor]
+__all__ = ["FIELDS", "LOSSES", "LinearField", "Loss", "NeuralODE", "NeuralODEProblem",
+           "make_field"]
 
-LOSSES: dict[str, Loss] = {
-    "cross_entropy": lambda out, y: F.cross_entropy(out, y),
-    "mse": lambda out, y: 0.5 * ((out - y) ** 2).sum(-1).mean(),
-}
 FIELDS = {"activation": ActivationField, "antisymmetric": AntisymmetricField}
 LIFTS = ("zeropad", "dense", "none")
 HEADS = ("dense", "none")
@@ -86,37 +83,14 @@ class _DenseDecay(Dense):
 
 
 class NeuralODEProblem(Problem):
-    """The OCP of a :class:`NeuralODE`. ``objective`` adds R_h in closed form (exact autograd
-    Hessians); ``rollout``/``objective`` with explicit ``controls`` read the regulariser's
-    neighbour coupling from those controls. Everything else is the plain :class:`Problem`."""
+    """The OCP of a :class:`NeuralODE` (``model``): stages lift, Euler steps, head; the
+    regulariser's alpha term as each Euler stage's running cost and its jump term as a
+    :class:`~ocnet.neural_ode.regularizer.JumpPenalty` coupling the Euler stages."""
 
     def __init__(self, stages: Sequence[Stage], terminal_cost: Loss, model: NeuralODE,
-                 coupling: JumpCoupling | None) -> None:
-        super().__init__(stages, terminal_cost, name="neural_ode")
+                 couplings: Sequence[JumpPenalty] = ()) -> None:
+        super().__init__(stages, terminal_cost, couplings=couplings, name="neural_ode")
         self.model = model
-        self.coupling = coupling
-
-    def _field_part(self, controls: Sequence[Controls]) -> list[Controls]:
-        off = self.model.offset
-        return [tuple(u) for u in controls[off:off + len(self.model.mesh)]]
-
-    def rollout(self, x0: Tensor, controls: Sequence[Controls] | None = None) -> Trajectory:
-        if controls is None or self.coupling is None:
-            return super().rollout(x0, controls)
-        with self.coupling.using(self._field_part(controls)):
-            return super().rollout(x0, controls)
-
-    def objective(self, x0: Tensor, y: Tensor | None = None,
-                  controls: Sequence[Controls] | None = None) -> Tensor:
-        if self.coupling is None or self.coupling.reg.beta == 0:
-            return super().objective(x0, y, controls)
-        us = self.controls if controls is None else [tuple(u) for u in controls]
-        with self.coupling.split():
-            j = super().objective(x0, y, us)
-        reg = self.coupling.reg
-        field = self._field_part(us)
-        coupling = DG0Regularizer(reg.lam, alpha=0.0, beta=reg.beta).value(field, self.model.mesh)
-        return j + coupling
 
 
 class NeuralODE:
@@ -202,28 +176,30 @@ class NeuralODE:
             return _DenseDecay(w, b, "identity", self.weight_decay)
         return None
 
-    def _coupling(self) -> JumpCoupling | None:
-        if not self.reg.active:
+    def _alpha_cost(self, h: float) -> Callable[[Tensor, Controls], Tensor] | None:
+        reg = self.reg
+        if not (reg.lam > 0 and reg.alpha > 0):
             return None
-        return JumpCoupling(self.reg, self.mesh, lambda: self.controls)
+        scale = 0.5 * reg.lam * reg.alpha * h
+        return lambda x, u: scale * sum((v * v).sum() for v in u)
 
-    def stages(self, coupling: JumpCoupling | None = None) -> list[Stage]:
-        """[lift] + one :class:`EulerStage` per interval (sharing the live controls) + [head]."""
+    def stages(self) -> list[Stage]:
+        """[lift] + one :class:`EulerStage` per interval (sharing the live controls) + [head];
+        each Euler stage's running cost is the regulariser's alpha term on its interval."""
         nodes = self.mesh.nodes
-        euler = [EulerStage(self.field, h, nodes[m], self.controls[m],
-                            None if coupling is None else coupling.stage_cost(m))
+        euler = [EulerStage(self.field, h, nodes[m], self.controls[m], self._alpha_cost(h))
                  for m, h in enumerate(self.mesh.lengths)]
         lift, head = self._lift_stage(), self._head_stage()
         return ([lift] if lift else []) + euler + ([head] if head else [])
 
     def problem(self, loss: Loss | str = "cross_entropy") -> NeuralODEProblem:
-        """The OCP any solver trains: controls = lift, per-interval field and head controls."""
-        if isinstance(loss, str):
-            if loss not in LOSSES:
-                raise unknown_name("loss", loss, list(LOSSES))
-            loss = LOSSES[loss]
-        coupling = self._coupling()
-        return NeuralODEProblem(self.stages(coupling), loss, self, coupling)
+        """The OCP any solver trains: controls = lift, per-interval field and head controls;
+        J = Phi + R_h (+ weight decay), the jump term of R_h a coupled cost."""
+        couplings = []
+        if self.reg.lam > 0 and self.reg.beta > 0 and len(self.mesh) > 1:
+            stages = tuple(range(self.offset, self.offset + len(self.mesh)))
+            couplings.append(JumpPenalty(stages, self.reg.pair_weights(self.mesh)))
+        return NeuralODEProblem(self.stages(), resolve_loss(loss), self, couplings)
 
     def parameters(self) -> list[Tensor]:
         return [*self.lift_controls, *(u for us in self.controls for u in us),

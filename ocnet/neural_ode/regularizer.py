@@ -18,33 +18,22 @@ It is the 1/h scaling of interior-penalty DG methods. Bisection with copied cont
 keeps theta(t) and the first sum exactly; the jump sum changes only through the
 midpoint distances next to a refined interval (a new zero jump adds nothing).
 
-The jump couples neighbouring intervals, but a running cost of the ``Problem``
-interface may only depend on its own stage's controls. :class:`JumpCoupling` therefore
-gives stage m the cost
-
-    l_m(u) = lam alpha h_m/2 |u|^2
-           + sum_{n = m +- 1} w_mn ( |u - rbar_n|^2 - |rbar_m - rbar_n|^2 / 2 ),
-    w_mn = lam beta / (h_m + h_n),
-
-where ``rbar`` are the *reference* controls (the live controls, read without a graph).
-At u = rbar_m the costs sum to R_h exactly (each jump is counted half from each side),
-and dl_m/du = lam alpha h_m u + sum_n 2 w_mn (u - rbar_n) is exactly dR_h/dtheta_m: so J and
-every dJ/du_m of the costate sweep are exact. Moving one stage alone also changes J
-exactly by l_m (what a stage-wise Hamiltonian maximisation sees). Only the Hessian's
-off-diagonal blocks (-2 w_mn I) are not represented; ``NeuralODEProblem.objective``
-adds R_h in closed form instead, so autograd Hessians through ``objective`` are exact.
+The jump couples neighbouring intervals, so it is not a running cost of one stage: it
+is a :class:`JumpPenalty`, a cost of the controls of several stages that the
+:class:`~ocnet.ocp.Problem` adds to J (and its gradient to dJ/du) at whatever controls are
+evaluated, trial controls included. The alpha term is each Euler stage's running cost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ..dynamics import TimeMesh
 from ..ocp.errors import ConfigError
+from ..ocp.problem import ControlCost
 from ..ocp.stage import Controls
 
 
@@ -95,58 +84,23 @@ class DG0Regularizer:
         return total
 
 
-class JumpCoupling:
-    """Per-stage running costs whose sum and gradients equal R_h (see the module doc).
+class JumpPenalty(ControlCost):
+    """C(theta) = sum_m w_{m,m+1} |theta_{m+1} - theta_m|^2, w = lam beta / (h_m + h_{m+1}):
+    the jump term of R_h as a cost coupling the Euler stages ``stages`` (in mesh order)."""
 
-    ``reference`` returns the controls the neighbours are read from (by default the live
-    field controls of the model); :meth:`using` swaps in other controls for one
-    evaluation, :meth:`split` switches the stage costs to the alpha term only (the
-    caller then adds the coupling in closed form).
-    """
+    def __init__(self, stages: Sequence[int], weights: Sequence[float]) -> None:
+        if len(weights) != len(stages) - 1:
+            raise ConfigError(f"JumpPenalty: {len(stages)} stages need {len(stages) - 1} "
+                              f"weights, got {len(weights)}")
+        self.stages = tuple(stages)
+        self.weights = [float(w) for w in weights]
 
-    def __init__(self, reg: DG0Regularizer, mesh: TimeMesh,
-                 reference: Callable[[], Sequence[Controls]]) -> None:
-        self.reg, self.mesh = reg, mesh
-        self._reference = reference
-        self._override: Sequence[Controls] | None = None
-        self._alpha_only = False
-        self._w = reg.pair_weights(mesh)
+    def value(self, controls: Sequence[Controls]) -> Tensor:
+        total = controls[0][0].new_zeros(())
+        for m, w in enumerate(self.weights):
+            if w:
+                total = total + w * _sq(controls[m + 1], controls[m])
+        return total
 
-    @contextmanager
-    def using(self, controls: Sequence[Controls]) -> Iterator[None]:
-        """Read the neighbours from ``controls`` inside the block."""
-        old, self._override = self._override, controls
-        try:
-            yield
-        finally:
-            self._override = old
-
-    @contextmanager
-    def split(self) -> Iterator[None]:
-        """Stage costs without the coupling term inside the block."""
-        old, self._alpha_only = self._alpha_only, True
-        try:
-            yield
-        finally:
-            self._alpha_only = old
-
-    def stage_cost(self, m: int) -> Callable[[Tensor, Controls], Tensor]:
-        """l_m(x, u) of interval m (independent of x)."""
-
-        def cost(x: Tensor, u: Controls) -> Tensor:
-            reg, h = self.reg, self.mesh.lengths[m]
-            total = torch.zeros((), dtype=u[0].dtype, device=u[0].device)
-            if reg.alpha > 0:
-                total = total + 0.5 * reg.lam * reg.alpha * h * _sq(u)
-            if reg.beta > 0 and not self._alpha_only:
-                ref = self._override if self._override is not None else self._reference()
-                own = tuple(v.detach() for v in ref[m])
-                for n, w in ((m - 1, self._w[m - 1] if m > 0 else 0.0),
-                             (m + 1, self._w[m] if m < len(self._w) else 0.0)):
-                    if w == 0.0:
-                        continue
-                    nb = tuple(v.detach() for v in ref[n])
-                    total = total + w * (_sq(u, nb) - 0.5 * _sq(own, nb))
-            return total
-
-        return cost
+    def __repr__(self) -> str:
+        return f"JumpPenalty(stages={self.stages[0]}..{self.stages[-1]})"

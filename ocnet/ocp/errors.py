@@ -15,6 +15,15 @@ class ConfigError(OcnetError, ValueError):
     """An option, name or combination of options is not valid."""
 
 
+class CapabilityError(ConfigError):
+    """A solver asked a stage for a structure it does not describe (e.g. an affine part)."""
+
+
+class DataError(OcnetError, ValueError):
+    """A data set name, size, dtype or content (a batch) is not valid; the message says how
+    to fix it."""
+
+
 class CheckpointError(OcnetError, RuntimeError):
     """A checkpoint is missing, truncated, corrupted or of another run."""
 

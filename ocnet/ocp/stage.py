@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # the structure module imports Controls from here
+    from .structure import Affine, CostDerivatives
 
 Controls = tuple[Tensor, ...]
 
@@ -61,10 +65,22 @@ class Stage(abc.ABC):
 
     @property
     def has_cost(self) -> bool:
-        """Whether :meth:`cost` is overridden (stages without one skip its derivatives)."""
-        if hasattr(self, "_cost_fn"):  # FunctionStage, EulerStage: a cost function or None
-            return self._cost_fn is not None
+        """Whether the stage has a running cost (stages without one skip its derivatives).
+
+        True when :meth:`cost` is overridden; stages built from an optional cost function
+        override this property."""
         return type(self).cost is not Stage.cost
+
+    # ------------------------------------------------------------------ self-description
+    def affine(self) -> Affine | None:
+        """The stage's affine part and activation (:class:`~ocnet.ocp.structure.Affine`),
+        or ``None`` when it does not have (or does not describe) one."""
+        return None
+
+    def cost_derivatives(self, x: Tensor, u: Controls) -> CostDerivatives | None:
+        """Closed-form derivatives of the running cost on the flat batch state and the flat
+        controls, or ``None`` (then a solver that needs them differentiates the cost)."""
+        return None
 
     def __call__(self, x: Tensor, u: Controls | None = None) -> Tensor:
         return self.f(x, self._controls if u is None else u)
@@ -117,6 +133,36 @@ class FunctionStage(Stage):
 
     def cost(self, x: Tensor, u: Controls) -> Tensor | None:
         return None if self._cost_fn is None else self._cost_fn(x, u)
+
+    @property
+    def has_cost(self) -> bool:
+        return self._cost_fn is not None
+
+
+def flatten_controls(controls: Sequence[Controls], like: Tensor | None = None) -> Tensor:
+    """All controls in one vector (stage by stage, tensor by tensor).
+
+    With no control tensors at all (e.g. a flatten stage) the result is an empty vector,
+    on ``like``'s device and dtype when given.
+    """
+    parts = [u.reshape(-1) for us in controls for u in us]
+    if not parts:
+        return torch.zeros(0) if like is None else like.new_zeros(0)
+    return torch.cat(parts)
+
+
+def unflatten_controls(vector: Tensor, like: Sequence[Controls]) -> list[Controls]:
+    """The inverse of :func:`flatten_controls`, shaped like ``like``."""
+    out, k = [], 0
+    for us in like:
+        stage = []
+        for u in us:
+            stage.append(vector[k:k + u.numel()].reshape(u.shape))
+            k += u.numel()
+        out.append(tuple(stage))
+    if k != vector.numel():
+        raise ValueError(f"vector has {vector.numel()} entries, the controls {k}")
+    return out
 
 
 def as_controls(values: Sequence[Tensor] | Tensor) -> Controls:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..ocp.errors import ConfigError, unknown_name
+from ..ocp.errors import ConfigError
 from ..ocp.problem import Problem
 
 
@@ -34,6 +33,8 @@ class StepInfo:
     grad_norm: Tensor | None = None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: why the step is rejected, when ``accepted`` is False (set before the outcome is known)
+    reason: str = ""
 
 
 class Solver(abc.ABC):
@@ -43,13 +44,18 @@ class Solver(abc.ABC):
     name: str = "solver"
     #: a ``torch.optim`` optimizer the solver steps with; its state is checkpointed
     optimizer: torch.optim.Optimizer | None = None
-    #: whether the solver all-reduces its batch statistics through ``comm`` (data parallel)
-    supports_comm: bool = False
     #: a data-parallel communicator (``ocnet.bridge.distributed.Comm``) or None (one
     #: process: every reduction below is the identity and nothing changes)
     comm: Any = None
 
+    #: check every batch (finite, not empty, placed like the problem) before a step
+    check_inputs: bool = True
+    #: undo steps whose loss, gradient or update is not finite: True (on the host for a CPU
+    #: problem, on the device elsewhere), "device", "host" or False
+    guard: bool | str = True
+
     def __init__(self, problem: Problem) -> None:
+        self._backup: list[Tensor] | None = None
         if not isinstance(problem, Problem):
             raise ConfigError(
                 f"{type(self).__name__} needs an ocnet Problem, got {type(problem).__name__}; "
@@ -63,12 +69,94 @@ class Solver(abc.ABC):
         """One iteration; :meth:`step` adds the timing and the step count."""
 
     def step(self, x0: Tensor, y: Tensor | None = None) -> StepInfo:
-        """One iteration on the batch ``(x0, y)``; updates the problem's controls in place."""
+        """One iteration on the batch ``(x0, y)``; updates the problem's controls in place.
+
+        The finiteness guard (``guard``, on by default): a step whose loss, gradient norm or
+        updated controls are not finite is undone, so the controls and the solver's state
+        tensors keep their values, ``info.accepted`` is False and ``info.reason`` says why.
+        Where the problem lives on the CPU the outcome is read there (a CPU read costs no
+        synchronisation); on an accelerator (or with ``guard="device"``) the undo is a
+        ``torch.where`` on the device and nothing is read. With ``check_inputs`` (on by
+        default) an empty or misplaced batch raises before anything changes, and a
+        rejected step whose batch holds NaN/inf raises :class:`~ocnet.ocp.errors.DataError`
+        naming the bad samples (on an accelerator the batch is checked before the step,
+        which reads it on the host: turn ``check_inputs`` off for benchmarking).
+        """
         start = time.perf_counter()
+        on_device = self.guard == "device" or (
+            self.guard and x0.device.type != "cpu" and self.guard != "host")
+        if self.check_inputs:
+            if on_device or not self.guard:
+                self.problem.check_batch(x0, y)
+            else:
+                self.problem.check_batch_shape(x0, y)
+        saved = self._save() if self.guard else None
         info = self._step(x0, y)
+        if saved is not None:
+            ok = self._finite(info, saved[0])
+            if on_device:
+                self._restore_where(ok, saved)
+            elif not bool(ok):
+                with torch.no_grad():
+                    torch._foreach_copy_(saved[2], saved[3])
+                if self.check_inputs:
+                    self.problem.check_batch(x0, y)  # raises DataError for a bad batch
+            self._mark(info, ok)
         info.seconds = time.perf_counter() - start
         self.steps += 1
         return info
+
+    # ------------------------------------------------------------------ the finiteness guard
+    def state_tensors(self) -> list[Tensor]:
+        """The device tensors of the solver's own state (what a rejected step restores);
+        by default the state of the ``torch.optim`` optimizer it steps with."""
+        if self.optimizer is None:
+            return []
+        return [v for st in self.optimizer.state.values() for v in st.values()
+                if isinstance(v, Tensor) and v.is_floating_point()]
+
+    def _save(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        params = self.problem.parameters()
+        state = self.state_tensors()
+        live = params + state
+        backup = self._backup
+        with torch.no_grad():
+            try:
+                if backup is None or len(backup) != len(live):
+                    raise RuntimeError("no backup yet")
+                torch._foreach_copy_(backup, live)
+            except RuntimeError:  # first step, or the state changed shape/device/dtype
+                backup = self._backup = [v.detach().clone() for v in live]
+        return params, state, live, backup
+
+    @staticmethod
+    def _finite(info: StepInfo, params: list[Tensor]) -> Tensor:
+        """One device flag: loss + grad norm + |u_new| is finite, i.e. each of them is
+        (NaN and inf propagate through the sum; a handful of kernels in all)."""
+        total = info.loss.detach()
+        if info.grad_norm is not None:
+            total = total + info.grad_norm.detach().to(total)
+        if params:
+            total = total + torch.stack(torch._foreach_norm(params)).sum().to(total)
+        return torch.isfinite(total)
+
+    @staticmethod
+    def _restore_where(ok: Tensor, saved: tuple[list[Tensor], ...]) -> None:
+        _, _, live, backup = saved
+        with torch.no_grad():
+            torch._foreach_copy_(live, [torch.where(ok, v, b) for v, b in zip(live, backup,
+                                                                                strict=True)])
+
+    @staticmethod
+    def _mark(info: StepInfo, ok: Tensor) -> None:
+        accepted = info.accepted
+        if isinstance(accepted, Tensor):
+            info.accepted = accepted.to(ok.device) & ok
+        elif accepted:
+            info.accepted = ok
+        if not info.reason:
+            info.reason = ("the loss, the gradient norm or the updated controls were not "
+                           "finite: the step was undone (controls and solver state unchanged)")
 
     def reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
         """The mean over data-parallel ranks of batch-mean tensors (identity without comm)."""
@@ -107,43 +195,22 @@ class Solver(abc.ABC):
 
 def grad_norm(grads: list[tuple[Tensor, ...]]) -> Tensor:
     """The Euclidean norm of all gradients together, as a tensor (no host sync)."""
-    norms = [torch.linalg.vector_norm(g) for gs in grads for g in gs]
-    if not norms:
+    flat = [g for gs in grads for g in gs]
+    if not flat:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)))
 
 
-SolverFactory = Callable[..., Solver]
-_REGISTRY: dict[str, tuple[SolverFactory, str]] = {}
+# The registry lives in registry.py (one record per solver); re-exported here.
+from .registry import (  # noqa: E402
+    SolverFactory,
+    SolverRecord,
+    make_solver,
+    register,
+    solver_entry,
+    solver_names,
+    solver_summaries,
+)
 
-
-def register(name: str, factory: SolverFactory, summary: str) -> None:
-    """Add a solver to the registry behind ``make_solver`` and ``--solver``."""
-    _REGISTRY[name] = (factory, summary)
-
-
-def solver_names() -> list[str]:
-    """The valid ``--solver`` names."""
-    return sorted(_REGISTRY)
-
-
-def solver_summaries() -> dict[str, str]:
-    """Each registered solver's one-line summary, by name."""
-    return {k: v[1] for k, v in sorted(_REGISTRY.items())}
-
-
-def solver_entry(name: str) -> tuple[SolverFactory, str]:
-    """The registered ``(factory, summary)`` of ``name``; unknown names list the valid ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise unknown_name("solver", name, solver_names()) from None
-
-
-def make_solver(name: str, problem: Problem, **options: Any) -> Solver:
-    """The solver registered as ``name`` on ``problem``; unknown names list the valid ones."""
-    factory, _ = solver_entry(name)
-    try:
-        return factory(problem, **options)
-    except TypeError as err:
-        raise ConfigError(f"solver {name!r} does not take these options: {err}") from err
+__all__ = ["Solver", "SolverFactory", "SolverRecord", "StepInfo", "grad_norm", "make_solver",
+           "register", "solver_entry", "solver_names", "solver_summaries"]

@@ -44,13 +44,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import hessian, jacrev, vmap
 
-from ..bridge.derivatives import flatten_controls, unflatten_controls
-from ..bridge.modules import ModuleStage
 from ..ocp.errors import ConfigError
 from ..ocp.problem import Problem
-from ..ocp.stage import Controls, Stage
+from ..ocp.stage import Controls, flatten_controls, unflatten_controls
 from .base import Solver, StepInfo, register
 
 
@@ -106,29 +103,8 @@ def value_update(q: dict[str, Tensor], k: Tensor, K: Tensor,  # noqa: N803
 
 def terminal_derivatives(problem: Problem, x_T: Tensor, y: Tensor | None  # noqa: N803
                          ) -> tuple[Tensor, Tensor]:
-    """dPhi/dX_T and d2Phi/dX_T2 on the flattened batch state (torch.func)."""
-    shape = x_T.shape
-
-    def phi(v: Tensor) -> Tensor:
-        return problem.terminal_cost(v.reshape(shape), y)
-
-    v = x_T.detach().reshape(-1)
-    return jacrev(phi)(v), hessian(phi)(v)
-
-
-def rollout_cost(problem: Problem, x0: Tensor, y: Tensor | None, us: Sequence[Controls]
-                 ) -> tuple[list[Tensor], Tensor]:
-    """States X_0..X_T and J under the controls ``us`` (no graph)."""
-    xs = [x0]
-    total = None
-    with torch.no_grad():
-        for t, stage in enumerate(problem.stages):
-            c = stage.cost(xs[-1], us[t])
-            if c is not None:
-                total = c if total is None else total + c
-            xs.append(stage.f(xs[-1], us[t]))
-        phi = problem.terminal_cost(xs[-1], y)
-    return xs, phi if total is None else phi + total
+    """dPhi/dX_T and d2Phi/dX_T2 on the flattened batch state (``Problem`` computes them)."""
+    return problem.terminal_derivatives(x_T, y)
 
 
 class DDP(Solver):
@@ -184,41 +160,14 @@ class DDP(Solver):
             raise ConfigError(f"{problem!r} has no controls for DDP to optimise")
 
     # ---------------------------------------------------------------- derivatives
-    def _cost_derivatives(self, stage: Stage, x: Tensor, u: Controls
-                          ) -> dict[str, Tensor] | None:
-        """l_x, l_u, l_xx, l_ux, l_uu on flat batch state and flat controls, or None."""
-        if not stage.has_cost:
-            return None
-        uf = flatten_controls([u]).detach().to(x)
-        if isinstance(stage, ModuleStage):  # l = wd/2 |u|^2: closed form
-            wd, m, n = stage.weight_decay, uf.numel(), x.numel()
-            z = x.new_zeros
-            return {"l_x": z(n), "l_u": wd * uf, "l_xx": z(n, n), "l_ux": z(m, n),
-                    "l_uu": wd * torch.eye(m, dtype=x.dtype, device=x.device)}
-        shape = x.shape
-
-        def cost(xv: Tensor, uv: Tensor) -> Tensor:
-            c = stage.cost(xv.reshape(shape), unflatten_controls(uv, [u])[0])
-            return xv.sum() * 0 if c is None else c
-
-        xv = x.detach().reshape(-1)
-        g = jacrev(cost, argnums=(0, 1))(xv, uf)
-        h = hessian(cost, argnums=(0, 1))(xv, uf)
-        return {"l_x": g[0], "l_u": g[1], "l_xx": h[0][0], "l_ux": h[1][0], "l_uu": h[1][1]}
-
-    def _stage_q(self, stage: Stage, x: Tensor, u: Controls, V_x: Tensor, V_xx: Tensor  # noqa: N803
-                 ) -> dict[str, Tensor]:
-        """Q terms of one stage from per-sample Jacobians (block structure exploited)."""
+    def _stage_q(self, t: int, x: Tensor, u: Controls, V_x: Tensor, V_xx: Tensor,  # noqa: N803
+                 us: Sequence[Controls]) -> dict[str, Tensor]:
+        """Q terms of stage t from per-sample Jacobians (block structure exploited)."""
+        problem = self.problem
         B = x.shape[0]  # noqa: N806
-        uf = flatten_controls([u]).detach().to(x)
-        m = uf.numel()
-
-        def single(xi: Tensor, uv: Tensor) -> Tensor:
-            return stage.f(xi.unsqueeze(0), unflatten_controls(uv, [u])[0]).reshape(-1)
-
-        fx, fu = vmap(jacrev(single, argnums=(0, 1)), in_dims=(0, None))(x.detach(), uf)
+        fx, fu = problem.stage_jacobians(t, x, u)  # (B, n', n), (B, n', m)
+        m = fu.shape[-1]
         n_out = fx.shape[1]
-        fx = fx.reshape(B, n_out, -1)  # (B, n', n)
         vx = V_x.reshape(B, n_out)
         vxx = V_xx.reshape(B, n_out, B, n_out)
         Q_x = torch.einsum("bon,bo->bn", fx, vx).reshape(-1)  # noqa: N806
@@ -232,23 +181,23 @@ class DDP(Solver):
         else:
             Q_u, Q_ux, Q_uu = x.new_zeros(0), x.new_zeros(0, x.numel()), x.new_zeros(0, 0)  # noqa: N806
         if self.second_order:
-            def lam(xv: Tensor, uv: Tensor) -> Tensor:
-                nxt = stage.f(xv.reshape(x.shape), unflatten_controls(uv, [u])[0])
-                return (V_x * nxt.reshape(-1)).sum()
-
-            h = hessian(lam, argnums=(0, 1))(x.detach().reshape(-1), uf)
-            Q_xx = Q_xx + h[0][0]  # noqa: N806
+            h_xx, h_ux, h_uu = problem.stage_second_order(t, x, u, V_x)
+            Q_xx = Q_xx + h_xx  # noqa: N806
             if m:
-                Q_ux, Q_uu = Q_ux + h[1][0], Q_uu + h[1][1]  # noqa: N806
+                Q_ux, Q_uu = Q_ux + h_ux, Q_uu + h_uu  # noqa: N806
         q = {"Q_x": Q_x, "Q_u": Q_u, "Q_xx": Q_xx, "Q_ux": Q_ux, "Q_uu": Q_uu}
-        lc = self._cost_derivatives(stage, x, u)
+        lc = problem.cost_derivatives(t, x, u)
         if lc is not None:
-            q["Q_x"] = q["Q_x"] + lc["l_x"]
-            q["Q_xx"] = q["Q_xx"] + lc["l_xx"]
+            q["Q_x"] = q["Q_x"] + lc.l_x
+            q["Q_xx"] = q["Q_xx"] + lc.l_xx
             if m:
-                q["Q_u"] = q["Q_u"] + lc["l_u"]
-                q["Q_ux"] = q["Q_ux"] + lc["l_ux"]
-                q["Q_uu"] = q["Q_uu"] + lc["l_uu"]
+                q["Q_u"] = q["Q_u"] + lc.l_u
+                q["Q_ux"] = q["Q_ux"] + lc.l_ux
+                q["Q_uu"] = q["Q_uu"] + lc.l_uu
+        coupled = problem.coupled_cost_derivatives(t, us) if m else None
+        if coupled is not None:  # the stage's own block of a cost coupling several stages
+            q["Q_u"] = q["Q_u"] + coupled[0]
+            q["Q_uu"] = q["Q_uu"] + coupled[1]
         q["Q_xx"] = 0.5 * (q["Q_xx"] + q["Q_xx"].T)
         q["Q_uu"] = 0.5 * (q["Q_uu"] + q["Q_uu"].T)
         return q
@@ -261,11 +210,10 @@ class DDP(Solver):
         """
         mu = self.mu if mu is None else mu
         us = self.problem.controls if us is None else us
-        V_x, V_xx = terminal_derivatives(self.problem, xs[-1], y)  # noqa: N806
+        V_x, V_xx = self.problem.terminal_derivatives(xs[-1], y)  # noqa: N806
         out: list[StageQuantities] = [None] * self.problem.T  # type: ignore[list-item]
         for t in reversed(range(self.problem.T)):
-            stage = self.problem.stages[t]
-            q = self._stage_q(stage, xs[t], us[t], V_x, V_xx)
+            q = self._stage_q(t, xs[t], us[t], V_x, V_xx, us)
             if q["Q_uu"].numel():
                 k, K = gain_solve(q["Q_uu"], q["Q_u"], q["Q_ux"], mu)  # noqa: N806
             else:
@@ -277,34 +225,26 @@ class DDP(Solver):
     def forward_pass(self, x0: Tensor, y: Tensor | None, xs: Sequence[Tensor],
                      quantities: Sequence[StageQuantities], alpha: float = 1.0
                      ) -> tuple[list[Controls], Tensor]:
-        """Controls u*_t of the feedback policy along the new trajectory, and J(u*)."""
+        """Controls u*_t of the feedback policy along the new trajectory, and J(u*)
+        (``Problem.policy_rollout``: coupled costs are evaluated at the trial controls)."""
         us = self.problem.controls
-        new_us: list[Controls] = []
-        xhat = x0
-        total = None
-        with torch.no_grad():
-            for t, stage in enumerate(self.problem.stages):
-                u = us[t]
-                if u:
-                    dx = (xhat - xs[t]).reshape(-1)
-                    q = quantities[t]
-                    u_new = unflatten_controls(
-                        policy_update(flatten_controls([u]).detach().to(x0), q.k, q.K, dx, alpha),
-                        [u])[0]
-                else:
-                    u_new = u
-                new_us.append(u_new)
-                c = stage.cost(xhat, u_new)
-                if c is not None:
-                    total = c if total is None else total + c
-                xhat = stage.f(xhat, u_new)
-            phi = self.problem.terminal_cost(xhat, y)
-        return new_us, phi if total is None else phi + total
+
+        def policy(t: int, xhat: Tensor) -> Controls:
+            u = us[t]
+            if not u:
+                return u
+            dx = (xhat - xs[t]).reshape(-1)
+            q = quantities[t]
+            flat = policy_update(flatten_controls([u], like=x0).detach(), q.k, q.K, dx, alpha)
+            return unflatten_controls(flat, [u])[0]
+
+        traj = self.problem.policy_rollout(x0, y, policy)
+        return traj.us, traj.objective
 
     # ---------------------------------------------------------------- the step
     def _step(self, x0: Tensor, y: Tensor | None) -> StepInfo:
-        us = self.problem.controls
-        xs, J = rollout_cost(self.problem, x0, y, us)  # noqa: N806
+        start = self.problem.evaluate(x0, y)
+        xs, J = start.xs, start.objective  # noqa: N806
         tries, accepted, J_new = 0, False, J  # noqa: N806
         best: list[Controls] | None = None
         # Host-side retry loop (unavoidable: whether to retry with more regularisation
@@ -341,6 +281,8 @@ def _factory(problem: Problem, lr: float | None = None, **options: Any) -> DDP:
 
 
 register("ddp", _factory, "vanilla differential dynamic programming (Gauss-Newton, "
-         "Levenberg-Marquardt step control); small networks and control problems")
+         "Levenberg-Marquardt step control); small networks and control problems",
+         solver_class=DDP, default_lr=1.0, cost="second-order-dense", max_controls=1500,
+         limit_per="stage", host_sync=True)
 
 __all__: list[str] = ["DDP", "StageQuantities"]

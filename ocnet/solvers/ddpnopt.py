@@ -36,154 +36,91 @@ gradients while the feedback is a sum of per-sample terms)::
 Defaults: gain="auto", vxx_reg=1, trust=0.3 (the literal paper policy is gain=1, vxx_reg=0,
 trust=0; it diverges at large learning rates, see docs/ddp.md).
 
+Exact mode (``vxx="exact"``; docs/ddp.md, "Exact mode"): per sample, unnormalised
+(hats, B times the joint quantities), F^i = dx_{t+1}/dx_t, S^i = dpost/dz, abar = [a; 1]::
+
+    Vhat_x^T = d phi(x_T^i),  Vhat_xx^T = d2 phi(x_T^i)   (terminal_hessian="outer": g g^T)
+    Vhat_h = S^T Vhat'_x,  Qhat_x = F^T Vhat'_x,  Qhat_xx = F^T Vhat'_xx F,
+    H = S^T Vhat'_xx F,    Qhat_ux^i delta = (H^i delta) (x) abar^i      (Gauss-Newton)
+    Q_u = weightgrad(a, Vhat_h / B) + l_u,  k_t = base step with Q_u,  P_t = lr M_t^-1
+    R^i = Qhat_ux^iT P_t Qhat_ux^i  (diagonal P: H^T diag(rho^i) H, rho_k = sum_l P_kl abar_l^2)
+    Vhat_xx = Qhat_xx - c_B (2 gamma - gamma^2) R + eps_v I,   c_B = 1/B ("joint") or 1
+    Vhat_x = Qhat_x ("backprop")  or  Qhat_x + H^T (D abar), D = -P_t Q_u ("ddp")
+    d_t = -P_t weightgrad(a_t, (H dx) / B),  u*_t = u_t + k_t + gamma d_t   (gamma = 1)
+
 Data parallel (``comm`` set; W ranks, equal shards of B_l = B/W samples): every sum above
 carries the 1/B_l of the local mean (delta, the eps_v r / B_l term, the gain's means), so
 each is a local batch mean and the global one is their mean over ranks: J, Q_u, the
 feedback weight-gradient per stage, the gain's numerator and denominator, and the
 Kronecker factors A, G are all-reduced (mean); c_i = B_l g^i.dx^i stays per-sample.
 
-With ``feedback=False`` the step is exactly the base optimizer (torch.optim for sgd,
-momentum, rmsprop, adam). Derivation, scaling and the joint-batch view: docs/ddp.md.
+With ``feedback=False`` the step is exactly the base optimizer (the curvature objects of
+:mod:`ocnet.solvers.curvature`, equal to torch.optim for sgd, momentum, rmsprop, adam).
+Everything the step needs of the network comes from the problem's one sweep
+(``Problem.value_and_gradients(intermediates=True)``: a_t, dJ/dz_t, dJ/dx_t) and its
+policy rollout (``Problem.policy_rollout``); the stages describe their affine parts.
+Derivation, scaling and the joint-batch view: docs/ddp.md.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
-from torch import Tensor, nn
+from torch import Tensor
+from torch.func import grad, hessian, jacrev, vmap
 
-from ..bridge.modules import ModuleStage
-from ..dynamics.activations import activation
-from ..dynamics.fields import ActivationField
-from ..dynamics.layers import Conv2d as ConvStage
-from ..dynamics.layers import Dense, Residual
-from ..dynamics.mesh import EulerStage
-from ..models import ResidualBlock
 from ..ocp.errors import ConfigError, unknown_name
-from ..ocp.problem import Problem
-from ..ocp.stage import Controls, Stage
+from ..ocp.problem import Problem, StageRecord
+from ..ocp.stage import Controls
+from ..ocp.structure import Affine
 from .base import Solver, StepInfo, grad_norm, register
+from .curvature import SGD, Adam, Kronecker, RMSprop, load_state, make_curvature, state_to_dict
 
 BASES = ("sgd", "momentum", "rmsprop", "adam", "kfac")
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "rmsprop": 1e-3, "adam": 1e-3, "kfac": 1e-2}
+#: the value-Hessian models: today's outer-product model, or the exact per-sample one
+VXX_MODES = ("outer", "exact")
+#: exact mode's V_x: the backpropagated gradient, or DDP's Q_x + Q_ux^T (-P Q_u) (Eq. 5)
+VX_MODES = ("backprop", "ddp")
+#: exact mode's factor on R^i = Qhat_ux^T P Qhat_ux: 1/B (block diagonal of the joint
+#: batch DDP) or 1 (Eq. 5 literally per sample)
+C_B_MODES = ("joint", "per_sample")
+#: exact mode's terminal Hessian: per-sample d2 phi, or the gradient outer product (ablation)
+TERMINAL_HESSIANS = ("exact", "outer")
+#: exact mode's default eps_v (Tikhonov term on Vhat_xx at x_t; see docs/ddp.md, Exact mode)
+EXACT_VXX_REG = 1e-2
 
 
-# ------------------------------------------------------------------ stage structure
-@dataclass
-class LayerSplit:
-    """A stage as x -> a = pre(x) -> h = lin(a, u) -> out = post(a, h)."""
-
-    pre: Callable[[Tensor], Tensor]
-    post: Callable[[Tensor, Tensor], Tensor]
-    kind: str  # "linear" or "conv"
-    has_bias: bool  # whether the bias is a control (controls = (W, b) or (W,))
-    fixed_bias: Tensor | None = None
-    conv: tuple = (1, 0, 1, 1)  # stride, padding, dilation, groups
-
-    def lin(self, a: Tensor, u: Controls, bias: bool = True) -> Tensor:
-        b = (u[1] if self.has_bias else self.fixed_bias) if bias else None
-        if self.kind == "linear":
-            return F.linear(a, u[0], b)
-        s, p, d, g = self.conv
-        return F.conv2d(a, u[0], b, s, p, d, g)
-
-    def weight_grad(self, a: Tensor, dh: Tensor, w_shape: torch.Size) -> tuple[Tensor, ...]:
-        """sum over the batch of the weight (and bias) gradient with cotangent dh at h."""
-        if self.kind == "linear":
-            gw = dh.reshape(-1, dh.shape[-1]).T @ a.reshape(-1, a.shape[-1])
-            gb = dh.reshape(-1, dh.shape[-1]).sum(0)
-        else:
-            s, p, d, g = self.conv
-            gw = torch.nn.grad.conv2d_weight(a, w_shape, dh, s, p, d, g)
-            gb = dh.sum((0, 2, 3))
-        return (gw, gb) if self.has_bias else (gw,)
-
-    def patches(self, a: Tensor, w_shape: torch.Size) -> Tensor:
-        """Inputs of the affine map as rows (N, fan_in) (+ a column of ones for the bias)."""
-        if self.kind == "linear":
-            rows = a.reshape(-1, a.shape[-1])
-        else:
-            s, p, d, _ = self.conv
-            cols = F.unfold(a, w_shape[2:], dilation=d, padding=p, stride=s)
-            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows
-
-
-def _seq(mods: list[nn.Module]) -> Callable[[Tensor], Tensor]:
-    def run(x: Tensor) -> Tensor:
-        for m in mods:
-            x = m(x)
-        return x
-    return run
-
-
-def _names(stage: ModuleStage) -> list[str]:
-    return [n for n, p in stage.parametric.named_parameters() if p.requires_grad]
-
-
-def layer_split(stage: Stage, t: int) -> LayerSplit | None:
-    """The structure DDPNOpt needs, or None for a stage without controls."""
-    if not stage.controls:
-        return None
-    if isinstance(stage, ModuleStage):
-        p, names = stage.parametric, _names(stage)
-        pre, after = _seq(stage.before), _seq(stage.after)
-        if isinstance(p, nn.Linear | nn.Conv2d) and names in (["weight"], ["weight", "bias"]):
-            if isinstance(p, nn.Conv2d) and p.padding_mode != "zeros":
-                raise ConfigError(f"ddpnopt: stage {t} ({stage.describe()}) uses padding_mode="
-                                  f"{p.padding_mode!r}; only 'zeros' is supported")
-            fixed = None if "bias" in names else p.bias
-            if isinstance(p, nn.Linear):
-                return LayerSplit(pre, lambda a, h: after(h), "linear", "bias" in names, fixed)
-            if isinstance(p.padding, str):
-                raise ConfigError(f"ddpnopt: stage {t} ({stage.describe()}) has padding="
-                                  f"{p.padding!r}; give the padding as numbers")
-            return LayerSplit(pre, lambda a, h: after(h), "conv", "bias" in names, fixed,
-                              (p.stride, p.padding, p.dilation, p.groups))
-        if isinstance(p, ResidualBlock) and names in (["linear.weight"],
-                                                      ["linear.weight", "linear.bias"]):
-            act, step = activation(p.activation), p.h
-            return LayerSplit(pre, lambda a, h: after(a + step * act(h)), "linear",
-                              len(names) == 2, None if len(names) == 2 else p.linear.bias)
-    elif isinstance(stage, Dense):
-        act = activation(stage.activation_name)
-        return LayerSplit(lambda x: x, lambda a, h: act(h), "linear", len(stage.controls) == 2)
-    elif isinstance(stage, Residual):
-        act, step = activation(stage.activation_name), stage.h
-        return LayerSplit(lambda x: x, lambda a, h: a + step * act(h), "linear",
-                          len(stage.controls) == 2)
-    elif isinstance(stage, ConvStage):
-        act = activation(stage.activation_name)
-        return LayerSplit(lambda x: x, lambda a, h: act(h), "conv", len(stage.controls) == 2,
-                          None, (stage.stride, stage.padding, 1, 1))
-    elif isinstance(stage, EulerStage) and type(stage.field) is ActivationField:
-        act, step = activation(stage.field.activation_name), stage.h
-        return LayerSplit(lambda x: x, lambda a, h: a + step * act(h), "linear", True)
-    raise ConfigError(
-        f"ddpnopt cannot handle stage {t} ({stage.describe()}, a {type(stage).__name__}): it "
-        "needs stages whose controls enter through one dense or conv layer (to_problem stages "
-        "of nn.Linear / nn.Conv2d / ocnet.models.ResidualBlock, dynamics.Dense / Residual / "
-        "Conv2d, EulerStage of an ActivationField). Use --solver ddp (small problems) or a "
-        "gradient solver for this problem"
-    )
+def _rate(flags: list[Tensor], like: Tensor) -> Tensor:
+    """The fraction of True flags (0 without any), as a device tensor (no host read)."""
+    return torch.stack(flags).to(like.dtype).mean() if flags else like.new_zeros(())
 
 
 @dataclass
-class _Record:
-    """What the backward pass keeps of stage t, at the pre-update controls."""
+class _Exact:
+    """What the exact backward pass keeps of a controlled stage t for the feedback pass.
 
-    a: Tensor  # pre(x_t)
-    delta: Tensor  # dJ/dh_t (per-sample rows, carrying 1/B)
-    g_x: Tensor | None  # dJ/dx_t
-    w_old: Tensor  # the weight before the update (a copy when the eps_v term needs it)
-    u_old: Controls = ()  # all controls before the update (copies when needed)
+    ``a`` = pre(x_t) (B, n_a); ``abar`` = [a, 1] (B, n_a+1; [a] without a bias control);
+    ``H`` = S^T Vhat'_xx F (B, n_z, n), so Qhat_ux^i delta = (H^i delta) (x) abar^i;
+    ``P`` the inverse curvature lr M^-1 (a float for M = I, a weight-shaped
+    (n_z, n_a+1) matrix for a diagonal M, ``None`` for the Kronecker base, whose factors
+    stay in the solver's state); ``k`` the base step (added to the controls).
+    """
+
+    a: Tensor
+    abar: Tensor
+    H: Tensor
+    P: Tensor | float | None
+    k: Controls
+
+
+@dataclass
+class _Old:
+    """The controls of one stage before the update (copies, when the feedback needs them)."""
+
+    u: Controls
 
 
 # ------------------------------------------------------------------ the solver
@@ -191,34 +128,69 @@ class DDPNOpt(Solver):
     """DDPNOpt on a network's problem; see the module docstring for the equations.
 
     Args:
-        problem: stages of dense/conv/residual layers (see :func:`layer_split`).
-        base: ``sgd``, ``momentum``, ``rmsprop``, ``adam`` (torch.optim; Q_uu = identity or
-            adaptive diagonal) or ``kfac`` (Kronecker-factored Gauss-Newton, own code).
+        problem: stages that describe an affine part (``Stage.affine()``: dense, conv,
+            residual and Euler layers; ``Problem.affine`` names the stage that does not).
+        base: ``sgd``, ``momentum``, ``rmsprop``, ``adam`` (the curvature objects of
+            :mod:`ocnet.solvers.curvature`, equal to torch.optim; Q_uu = identity or
+            adaptive diagonal) or ``kfac`` (Kronecker-factored Gauss-Newton).
         lr: the base optimizer's learning rate (default ``DEFAULT_LR[base]``).
-        feedback: apply the feedback policy (False: exactly the base optimizer).
-        gain: the feedback gain gamma, a number or ``"auto"`` (see above).
-        gain_max: the upper clip of the auto gain.
-        vxx_reg: eps_v, the Tikhonov regularisation of the per-sample V_hh.
+        feedback: apply the feedback policy (False: exactly the base optimizer; in exact
+            mode with ``vx="ddp"`` the base is fed the DDP Q_u).
+        gain: the feedback gain gamma, a number or ``"auto"`` (see above). Default:
+            ``"auto"`` (outer), 1 (exact, where ``"auto"`` is refused).
+        gain_max: the upper clip of the auto gain. ``StepInfo.extra["clip_rate"]`` is the
+            fraction of feedback stages where the auto gain was clipped at 0 or gain_max.
+        vxx_reg: eps_v, the Tikhonov term: on the per-sample V_hh (outer, default 1), or on
+            Vhat_xx at every x_t, t < T (exact, default ``EXACT_VXX_REG``).
         curvature_floor: the feedback uses lr / max(denom, floor * mean(denom)) per tensor
             for the adaptive bases (guards dead inputs/units whose denom is ~eps).
         damping, ema, kfac_every: Kronecker base: Tikhonov damping lambda (pi-split),
             factor averaging, and how often the factor inverses are recomputed.
         trust: bound on the feedback step relative to the base step of the same stage,
-            |gamma_t d_t| <= trust |k_t| (0 disables it).
-        **options: passed to the torch.optim class (betas, eps, alpha, momentum, ...).
+            |gamma_t d_t| <= trust |k_t| (0 disables it). ``StepInfo.extra["cap_rate"]``
+            is the fraction of stages where it bound. Default: 0.3 (outer), 0 (exact).
+        vxx: the value-Hessian model: ``"outer"`` (the outer-product model above, the
+            default) or ``"exact"`` (per-sample dense V_xx propagated backward; small dense
+            and residual/Euler networks; see "Exact mode" above and docs/ddp.md).
+        vx: exact mode's V_x: ``"backprop"`` (the gradient, default) or ``"ddp"``
+            (Vhat_x = Qhat_x + Qhat_ux^T (-P Q_u), the paper's Eq. 5).
+        c_b: exact mode's factor on R in V_xx: ``"joint"`` (1/B, the block diagonal of the
+            joint-batch DDP, default) or ``"per_sample"`` (1, Eq. 5 per sample).
+        terminal_hessian: exact mode's Vhat_xx^T: ``"exact"`` (per-sample d2 phi, default)
+            or ``"outer"`` (ghat ghat^T, for ablations).
+        **options: the base optimizer's options (betas, eps, alpha, momentum, ...).
     """
 
     name = "ddpnopt"
-    supports_comm = True
 
     def __init__(self, problem: Problem, lr: float | None = None, *, base: str = "adam",
-                 feedback: bool = True, gain: float | str = "auto", gain_max: float = 1.0,
-                 vxx_reg: float = 1.0, curvature_floor: float = 0.1, damping: float = 1e-3,
-                 ema: float = 0.95, kfac_every: int = 1, trust: float = 0.3,
+                 feedback: bool = True, gain: float | str | None = None, gain_max: float = 1.0,
+                 vxx_reg: float | None = None, curvature_floor: float = 0.1,
+                 damping: float = 1e-3, ema: float = 0.95, kfac_every: int = 1,
+                 trust: float | None = None, vxx: str = "outer", vx: str = "backprop",
+                 c_b: str = "joint", terminal_hessian: str = "exact",
                  **options: Any) -> None:
         super().__init__(problem)
         if base not in BASES:
             raise unknown_name("ddpnopt base optimizer", base, BASES)
+        for opt, value, valid in (("vxx", vxx, VXX_MODES), ("vx", vx, VX_MODES),
+                                  ("c_b", c_b, C_B_MODES),
+                                  ("terminal_hessian", terminal_hessian, TERMINAL_HESSIANS)):
+            if value not in valid:
+                raise unknown_name(f"ddpnopt {opt} option", value, valid)
+        self.exact = vxx == "exact"
+        self.vxx, self.vx, self.c_b, self.terminal_hessian = vxx, vx, c_b, terminal_hessian
+        if gain is None:
+            gain = 1.0 if self.exact else "auto"
+        if vxx_reg is None:
+            vxx_reg = EXACT_VXX_REG if self.exact else 1.0
+        if trust is None:
+            trust = 0.0 if self.exact else 0.3
+        if self.exact and gain == "auto":
+            raise ConfigError(
+                "ddpnopt vxx='exact': gain='auto' is the outer-product model's least-squares "
+                "gain; along d_t = -P_t Q_ux dx the exact model with Q_uu = P_t^-1 is "
+                "minimised at gamma = 1. Give a number (gain=1, the default, is the paper's)")
         if lr is not None and not lr > 0:
             raise ConfigError(f"ddpnopt: lr must be positive, got {lr}")
         if not (gain == "auto" or (isinstance(gain, int | float) and gain >= 0)):
@@ -226,214 +198,146 @@ class DDPNOpt(Solver):
         if vxx_reg < 0 or curvature_floor < 0 or damping <= 0 or not 0 <= ema < 1:
             raise ConfigError("ddpnopt: need vxx_reg >= 0, curvature_floor >= 0, damping > 0, "
                               f"0 <= ema < 1; got {vxx_reg}, {curvature_floor}, {damping}, {ema}")
+        if trust < 0:
+            raise ConfigError(f"ddpnopt: trust must be >= 0 (0 disables it), got {trust}")
         self.base, self.feedback = base, bool(feedback)
         self.name = f"ddpnopt-{base}"
         self.lr = DEFAULT_LR[base] if lr is None else float(lr)
         self.gain, self.gain_max = gain, float(gain_max)
         self.vxx_reg, self.curvature_floor = float(vxx_reg), float(curvature_floor)
-        self.damping, self.ema, self.kfac_every = float(damping), float(ema), int(kfac_every)
-        if trust < 0:
-            raise ConfigError(f"ddpnopt: trust must be >= 0 (0 disables it), got {trust}")
         self.trust = float(trust)
-        self.splits = [layer_split(s, t) for t, s in enumerate(problem.stages)]
+        self.affines: list[Affine | None] = [problem.affine(t, needed_by="ddpnopt")
+                                             for t in range(problem.T)]
+        if self.exact:
+            for t, aff in enumerate(self.affines):
+                if aff is not None and aff.kind != "linear":
+                    raise ConfigError(
+                        f"ddpnopt vxx='exact' holds dense per-sample matrices and supports "
+                        f"dense and residual/Euler stages; stage {t} "
+                        f"({problem.stages[t].describe()}) is a {aff.kind} stage. Use "
+                        "vxx='outer' (the default) for convolutional networks")
+        #: exact mode, set True to keep per stage of the last backward pass a dict of the
+        #: exact-model quantities (Q_u, H, Q_x, Q_xx, V_x, V_xx, R, k, ...); see _exact_backward
+        self.last_backward: list[dict[str, Any] | None] = []
+        self._last_exact: list[_Exact | None] = []
         #: set True to keep, per controlled stage of the last feedback pass, a dict with
         #: t, dx (xhat_t - x_t), d (the feedback direction d_t), gamma, c (the weights c_i)
         self.debug = False
         self.last_debug: list[dict[str, Any]] = []
-        params = problem.parameters()
-        if not params:
+        self.params = problem.parameters()
+        if not self.params:
             raise ConfigError(f"{problem!r} has no controls to optimise")
         if base == "kfac":
             if options:
-                raise ConfigError(f"ddpnopt base kfac takes no torch.optim options: {options}")
-            self.optimizer = None
-            self.kfac_state: list[dict[str, Tensor]] = [{} for _ in problem.stages]
+                raise ConfigError(f"ddpnopt base kfac takes no first-order options: {options}")
+            self.kronecker: Kronecker | None = Kronecker(self.lr, damping, ema, kfac_every)
+            self.curvature = None
+            self.state: Any = self.kronecker.init(problem.T)
         else:
-            if base == "momentum":
-                options.setdefault("momentum", 0.9)
             if base == "rmsprop" and options.get("centered", False):
                 raise ConfigError("ddpnopt: centered RMSprop is not supported (its curvature "
                                   "is not sqrt(v)+eps); use centered=False")
             if base == "adam" and options.get("amsgrad", False):
                 raise ConfigError("ddpnopt: amsgrad is not supported; use amsgrad=False")
-            cls = {"sgd": torch.optim.SGD, "momentum": torch.optim.SGD,
-                   "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam}[base]
-            self.optimizer = cls(params, lr=self.lr, **options)
-
-    # -------------------------------------------------------------- forward/backward
-    def _forward_backward(self, x0: Tensor, y: Tensor | None
-                          ) -> tuple[Tensor, list[Controls], list[_Record | None], list[Tensor]]:
-        """J, dJ/du, per-stage records and the states, from local graphs at the old controls."""
-        xs, graphs, costs = [x0], [], []
-        for t, stage in enumerate(self.problem.stages):
-            sp = self.splits[t]
-            with torch.enable_grad():
-                x_ = xs[-1].detach().requires_grad_(t > 0)
-                # leaves sharing the live storage: the optimizer changes them in place only
-                # after this step's backward sweep is complete
-                u_ = tuple(v.detach().requires_grad_(True) for v in stage.controls)
-                if sp is None:
-                    a, h, out = None, None, stage.f(x_, u_)
-                else:
-                    a = sp.pre(x_)
-                    h = sp.lin(a, u_)
-                    out = sp.post(a, h)
-                c = stage.cost(x_, u_)
-            graphs.append((x_, u_, a, h, out, c))
-            costs.append(None if c is None else c.detach())
-            xs.append(out.detach())
-        with torch.enable_grad():
-            xT = xs[-1].detach().requires_grad_(True)  # noqa: N806
-            phi = self.problem.terminal(xT, y)
-            (g,) = torch.autograd.grad(phi, xT)
-        J = phi.detach() + sum(c for c in costs if c is not None)  # noqa: N806
-        grads: list[Controls] = [()] * self.problem.T
-        records: list[_Record | None] = [None] * self.problem.T
-        for t in reversed(range(self.problem.T)):
-            x_, u_, a, h, out, c = graphs[t]
-            outs, cots = [out], [g]
-            if c is not None:
-                outs.append(c)
-                cots.append(torch.ones_like(c))
-            inputs = ([x_] if t > 0 else []) + ([h] if h is not None else []) + list(u_)
-            if not inputs:  # a control-free first stage (e.g. a zero-pad lift): nothing to pull
-                continue
-            res = torch.autograd.grad(outs, inputs, cots, allow_unused=True)
-            res = [torch.zeros_like(i) if r is None else r for i, r in zip(inputs, res,
-                                                                            strict=True)]
-            g_x = res[0] if t > 0 else None
-            off = (1 if t > 0 else 0) + (1 if h is not None else 0)
-            grads[t] = tuple(res[off:])
-            if h is not None:
-                keep = self.feedback and (self.vxx_reg > 0 or self.trust > 0)
-                u_old = tuple(v.detach().clone() if keep else v.detach() for v in u_)
-                records[t] = _Record(a.detach(), res[off - 1], g_x, u_old[0], u_old)
-            if g_x is not None:
-                g = g_x
-        return J, grads, records, xs
+            self.kronecker = None
+            self.curvature = make_curvature(base, self.lr, **options)
+            self.state = self.curvature.init(self.params)
 
     # -------------------------------------------------------------- curvature
-    def _inverse_curvatures(self) -> dict[int, Tensor | float]:
-        """P = lr / denom for every control tensor (id -> tensor; a float lr for sgd/momentum).
+    def _inverse_curvatures(self, state: dict[str, Any] | None = None) -> list[Tensor] | float:
+        """P = lr / denom for every control tensor of ``state`` (default: the solver's; a
+        float lr for sgd/momentum).
 
         denom is the base optimizer's own (sqrt(v) + eps, bias-corrected for Adam), floored
         at ``curvature_floor`` times its mean over the tensor, so dead inputs or units whose
         denom is ~eps do not get an lr/eps gain on the feedback.
         """
-        group = self.optimizer.param_groups[0]
-        lr = group["lr"]
-        params = self.problem.parameters()
-        if self.base in ("sgd", "momentum"):
-            return {id(p): lr for p in params}
-        if self.base == "rmsprop":
-            denom = torch._foreach_sqrt([self.optimizer.state[p]["square_avg"] for p in params])
-        else:
-            # the step count lives on the host (torch.optim keeps it there unless capturable)
-            step = float(self.optimizer.state[params[0]]["step"])
-            bc2 = math.sqrt(1 - group["betas"][1] ** step)
-            denom = torch._foreach_sqrt([self.optimizer.state[p]["exp_avg_sq"] for p in params])
-            torch._foreach_div_(denom, bc2)
-        torch._foreach_add_(denom, group["eps"])
+        denom = self.curvature.diagonal(self.state if state is None else state)
+        if denom is None:
+            return self.lr
         if self.curvature_floor > 0:
             sums = torch._foreach_norm(denom, 1)
             floors = [self.curvature_floor * s_ / d.numel() for s_, d in zip(sums, denom,
                                                                             strict=True)]
             denom = torch._foreach_maximum(denom, floors)
         inv = torch._foreach_reciprocal(denom)
-        torch._foreach_mul_(inv, lr)
-        return {id(p): v for p, v in zip(params, inv, strict=True)}
+        torch._foreach_mul_(inv, self.lr)
+        return inv
 
-    def _kfac_update_factors(self, t: int, rec: _Record, w_shape: torch.Size) -> None:
-        sp, st = self.splits[t], self.kfac_state[t]
-        B = rec.delta.shape[0]  # noqa: N806
-        rows = sp.patches(rec.a, w_shape)
+    def _kfac_factors(self, t: int, aff: Affine, rec: StageRecord, w_shape: torch.Size
+                      ) -> None:
+        B = rec.dz.shape[0]  # noqa: N806
+        rows = aff.patches(rec.a, w_shape)
         A = rows.T @ rows / rows.shape[0]  # noqa: N806
-        zeta = (B * rec.delta)
-        zeta = zeta.transpose(1, -1).reshape(-1, zeta.shape[1]) if sp.kind == "conv" else \
+        zeta = B * rec.dz
+        zeta = zeta.transpose(1, -1).reshape(-1, zeta.shape[1]) if aff.kind == "conv" else \
             zeta.reshape(-1, zeta.shape[-1])
         G = zeta.T @ zeta / B  # noqa: N806
         A, G = self.reduce_mean([A, G])  # noqa: N806 - data parallel: means over ranks
-        if "A" not in st:
-            st["A"], st["G"] = A, G
-        else:
-            st["A"].mul_(self.ema).add_(A, alpha=1 - self.ema)
-            st["G"].mul_(self.ema).add_(G, alpha=1 - self.ema)
-        if "Ainv" not in st or self.steps % self.kfac_every == 0:
-            # pi-damping (Martens & Grosse 2015): split lambda between the two factors
-            a_, g_ = st["A"], st["G"]
-            pi = torch.sqrt((torch.trace(a_) / a_.shape[0]) / (torch.trace(g_) / g_.shape[0])
-                            .clamp_min(1e-30)).clamp(1e-4, 1e4)
-            lam = math.sqrt(self.damping)
-            st["Ainv"] = torch.linalg.inv(a_ + pi * lam * torch.eye(a_.shape[0], dtype=a_.dtype,
-                                                                     device=a_.device))
-            st["Ginv"] = torch.linalg.inv(g_ + lam / pi * torch.eye(g_.shape[0], dtype=g_.dtype,
-                                                                     device=g_.device))
+        self.kronecker.update_factors(self.state, t, A, G,
+                                      refresh=self.steps % self.kronecker.every == 0)
 
-    def _kfac_apply(self, t: int, gs: Controls) -> tuple[Tensor, ...]:
-        """lr (G+)^-1 [gW, gb] (A+)^-1 per stage (the Kronecker inverse curvature times lr)."""
-        st, sp = self.kfac_state[t], self.splits[t]
-        gw = gs[0].reshape(gs[0].shape[0], -1)
-        mat = torch.cat([gw, gs[1][:, None]], dim=1) if sp.has_bias else gw
-        sol = self.lr * (st["Ginv"] @ mat @ st["Ainv"])
-        out = [sol[:, :gw.shape[1]].reshape(gs[0].shape)]
-        if sp.has_bias:
-            out.append(sol[:, -1])
-        return tuple(out)
-
-    def _precondition(self, t: int, gs: Controls, P: dict[int, Tensor | float] | None  # noqa: N803
+    def _precondition(self, t: int, offset: int, gs: Controls, P: list[Tensor] | float  # noqa: N803
                       ) -> tuple[Tensor, ...]:
-        if self.base == "kfac":
-            return self._kfac_apply(t, gs)
-        return tuple(P[id(u)] * g for u, g in zip(self.problem.stages[t].controls, gs,
-                                                  strict=True))
+        if self.kronecker is not None:
+            return self.kronecker.apply(self.state, t, gs, self.affines[t].has_bias)
+        if isinstance(P, float):
+            return tuple(P * g for g in gs)
+        return tuple(P[offset + i] * g for i, g in enumerate(gs))
 
     # -------------------------------------------------------------- the step
     @torch.no_grad()
-    def _base_step(self, grads: list[Controls], records: list[_Record | None]) -> None:
-        if self.optimizer is not None:
-            for stage, gs in zip(self.problem.stages, grads, strict=True):
-                for u, g in zip(stage.controls, gs, strict=True):
-                    u.grad = g
-            self.optimizer.step()
-            for u in self.problem.parameters():
-                u.grad = None
+    def _base_step(self, grads: list[Controls], records: list[StageRecord | None]) -> None:
+        if self.curvature is not None:
+            flat = [g for gs in grads for g in gs]
+            torch._foreach_add_(self.params, self.curvature.update(flat, self.state))
             return
         for t, stage in enumerate(self.problem.stages):
             if not stage.controls:
                 continue
-            self._kfac_update_factors(t, records[t], stage.controls[0].shape)
-            for u, k in zip(stage.controls, self._kfac_apply(t, grads[t]), strict=True):
+            self._kfac_factors(t, self.affines[t], records[t], stage.controls[0].shape)
+            for u, k in zip(stage.controls, self.kronecker.apply(
+                    self.state, t, grads[t], self.affines[t].has_bias), strict=True):
                 u.sub_(k)
 
-    @torch.no_grad()
     def _feedback_pass(self, x0: Tensor, y: Tensor | None, xs: list[Tensor],
-                       records: list[_Record | None]) -> tuple[Tensor, list[Tensor]]:
+                       records: list[StageRecord | None], old: list[_Old | None]
+                       ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+        """The new trajectory under u*_t = u_t + k_t + gamma_t d_t (``Problem.policy_rollout``):
+        each stage's feedback is applied in place before the stage is evaluated."""
         B = x0.shape[0]  # noqa: N806
-        xhat = x0
         gains: list[Tensor] = []
+        bound: list[Tensor] = []
+        clipped: list[Tensor] = []
         self.last_debug = []
-        P = None if self.base == "kfac" else self._inverse_curvatures()  # noqa: N806
-        moved = False  # whether xhat can differ from x (a controlled stage came before)
-        for t, stage in enumerate(self.problem.stages):
-            sp, rec = self.splits[t], records[t]
-            if sp is not None and moved:
+        P = None if self.kronecker is not None else self._inverse_curvatures()  # noqa: N806
+        offsets, k = [], 0
+        for stage in self.problem.stages:
+            offsets.append(k)
+            k += len(stage.controls)
+        moved = [False]  # whether xhat can differ from x (a controlled stage came before)
+
+        def policy(t: int, xhat: Tensor) -> None:
+            stage, aff, rec = self.problem.stages[t], self.affines[t], records[t]
+            if aff is not None and moved[0]:
                 dx = xhat - xs[t]
-                c = (rec.g_x * dx).reshape(B, -1).sum(1).mul_(B)
-                cot = rec.delta * c.reshape((B,) + (1,) * (rec.delta.dim() - 1))
+                c = (rec.dx * dx).reshape(B, -1).sum(1).mul_(B)
+                cot = rec.dz * c.reshape((B,) + (1,) * (rec.dz.dim() - 1))
                 r = None
                 if self.vxx_reg > 0:
-                    r = sp.lin(sp.pre(xhat) - rec.a, (rec.w_old,), bias=False)
+                    r = aff.lin(aff.pre(xhat) - rec.a, (old[t].u[0],), bias=False)
                     cot.add_(r, alpha=self.vxx_reg / B)
-                wg = sp.weight_grad(rec.a, cot, stage.controls[0].shape)
+                wg = aff.weight_grad(rec.a, cot, stage.controls[0].shape)
                 wg = tuple(self.reduce_mean(list(wg)))  # a local batch mean per rank
-                d = self._precondition(t, wg, P)  # d_t = -this
-                gamma = self._gain(sp, rec, d, c, r, B, x0)
+                d = self._precondition(t, offsets[t], wg, P)  # d_t = -this
+                gamma = self._gain(aff, rec, d, c, r, B, x0, clipped)
                 if self.trust > 0:  # |gamma d| <= trust |k|
-                    k_sq = sum(((u - u0) ** 2).sum() for u, u0 in zip(stage.controls, rec.u_old,
+                    k_sq = sum(((u - u0) ** 2).sum() for u, u0 in zip(stage.controls, old[t].u,
                                                                      strict=True))
                     d_sq = sum((v * v).sum() for v in d)
-                    bound = self.trust * torch.sqrt(k_sq / d_sq)
-                    gamma = torch.minimum(gamma, torch.nan_to_num_(bound, 0.0, 0.0, 0.0))
+                    cap = torch.nan_to_num_(self.trust * torch.sqrt(k_sq / d_sq), 0.0, 0.0, 0.0)
+                    bound.append(cap < gamma)
+                    gamma = torch.minimum(gamma, cap)
                 gains.append(gamma)
                 if self.debug:
                     self.last_debug.append({"t": t, "dx": dx, "d": tuple(-v for v in d),
@@ -442,18 +346,23 @@ class DDPNOpt(Solver):
                     # non-finite feedback entries are dropped (the base update stays)
                     u.sub_(torch.nan_to_num_(di.mul_(gamma), 0.0, 0.0, 0.0))
             if stage.controls:
-                moved = True
-            xhat = stage.f(xhat, stage.controls)
-        (phi,) = self.reduce_mean([self.problem.terminal(xhat, y)])
-        return phi, gains
+                moved[0] = True
+            return None
 
-    def _gain(self, sp: LayerSplit, rec: _Record, d: tuple[Tensor, ...], c: Tensor,
-              r: Tensor | None, B: int, like: Tensor) -> Tensor:  # noqa: N803
-        """gamma_t; ``d`` here is -d_t (the gain formula is written for d_t)."""
+        with torch.no_grad():
+            traj = self.problem.policy_rollout(x0, y, policy)
+        (after,) = self.reduce_mean([traj.objective])
+        return after, gains, _rate(bound, x0), _rate(clipped, x0)
+
+    def _gain(self, aff: Affine, rec: StageRecord, d: tuple[Tensor, ...], c: Tensor,
+              r: Tensor | None, B: int, like: Tensor, clipped: list[Tensor]  # noqa: N803
+              ) -> Tensor:
+        """gamma_t; ``d`` here is -d_t (the gain formula is written for d_t). Appends to
+        ``clipped`` whether the auto gain was clipped to [0, gain_max] (or not finite)."""
         if self.gain != "auto":
             return torch.as_tensor(float(self.gain), dtype=like.dtype, device=like.device)
-        q = sp.lin(rec.a, d, bias=sp.has_bias)  # -(h-change of the samples caused by d_t)
-        s = (rec.delta * q).reshape(B, -1).sum(1)  # -s_i / B
+        q = aff.lin(rec.a, d, bias=aff.has_bias)  # -(h-change of the samples caused by d_t)
+        s = (rec.dz * q).reshape(B, -1).sum(1)  # -s_i / B
         num = (c * s).mean() * B
         den = (s * s).mean() * (B * B)
         if r is not None:
@@ -462,28 +371,285 @@ class DDPNOpt(Solver):
         if self.comm is not None:  # both are local batch means
             num, den = self.reduce_mean([num, den])
         gamma = num / den  # = -(mean c s + eps mean r.q) / (mean s^2 + eps mean q.q) for d_t
+        clipped.append(~((gamma >= 0) & (gamma <= self.gain_max)))  # incl. non-finite
         return torch.nan_to_num_(gamma, 0.0, 0.0, 0.0).clamp_(0.0, self.gain_max)
 
     def _step(self, x0: Tensor, y: Tensor | None) -> StepInfo:
-        J, grads, records, xs = self._forward_backward(x0, y)  # noqa: N806
+        if self.exact:
+            return self._exact_step(x0, y)
+        J, grads, traj = self.problem.value_and_gradients(x0, y, intermediates=True)  # noqa: N806
         J, grads = self.reduce_grads(J, grads)  # noqa: N806 - data parallel: mean over ranks
-        self._base_step(grads, records)
+        keep = self.feedback and (self.vxx_reg > 0 or self.trust > 0)
+        old = [_Old(tuple(v.detach().clone() for v in s.controls)) if keep and s.controls
+               else None for s in self.problem.stages]
+        self._base_step(grads, traj.records)
         extra: dict[str, Any] = {}
         if self.feedback:
-            loss_after, gains = self._feedback_pass(x0, y, xs, records)
-            extra = {"loss_after_phi": loss_after, "gains": gains}
+            after, gains, rate, clip = self._feedback_pass(x0, y, traj.xs, traj.records, old)
+            extra = {"loss_after": after, "gains": gains, "cap_rate": rate, "clip_rate": clip}
         return StepInfo(loss=J, accepted=True, grad_norm=grad_norm(grads), extra=extra)
 
+    # -------------------------------------------------------------- exact mode
+    # Notation (docs/ddp.md, "Exact mode"): stage t, a = pre(x), z = a W^T + b,
+    # x' = post(a, z), abar = [a; 1]; per-sample F^i = dx'/dx, S^i = dpost/dz; hats are
+    # per-sample, unnormalised (B times the joint quantities of the mean loss).
+    @staticmethod
+    def _join(aff: Affine, us: Controls | list[Tensor]) -> Tensor:
+        """(W, b) -> the weight-shaped matrix [W, b] (n_z, n_a+1) (``[W]`` without bias)."""
+        return torch.cat([us[0], us[1][..., None]], -1) if aff.has_bias else us[0]
+
+    @staticmethod
+    def _split(aff: Affine, mat: Tensor) -> Controls:
+        """The inverse of :meth:`_join` (on the last two dimensions)."""
+        return (mat[..., :-1], mat[..., -1]) if aff.has_bias else (mat,)
+
+    def _apply_p(self, t: int, P: Tensor | float | None, mat: Tensor) -> Tensor:  # noqa: N803
+        """P_t applied to weight-shaped matrices (..., n_z, n_a+1): lr M^-1 elementwise, or
+        lr (G+)^-1 mat (A+)^-1 for the Kronecker base."""
+        if self.kronecker is not None:
+            st = self.state[t]
+            return self.lr * (st["Ginv"] @ mat @ st["Ainv"])
+        return P * mat
+
+    def _r_matrix(self, t: int, P: Tensor | float | None, H: Tensor, abar: Tensor  # noqa: N803
+                  ) -> Tensor:
+        """R^i = Qhat_ux^iT P Qhat_ux^i (B, n, n).
+
+        Diagonal P: R^i = H^T diag(rho^i) H, rho_k^i = sum_l P_kl (abar_l^i)^2; Kronecker:
+        R^i = lr (abar^iT (A+)^-1 abar^i) H^T (G+)^-1 H.
+        """
+        Ht = H.transpose(1, 2)  # noqa: N806
+        if self.kronecker is not None:
+            st = self.state[t]
+            s = self.lr * torch.einsum("bi,ij,bj->b", abar, st["Ainv"], abar)
+            return s[:, None, None] * (Ht @ st["Ginv"] @ H)
+        sq = abar * abar
+        rho = sq @ P.T if isinstance(P, Tensor) else (P * sq.sum(1, keepdim=True)).expand(
+            -1, H.shape[1])
+        return Ht @ (rho[:, :, None] * H)
+
+    def _terminal_value(self, x_T: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:  # noqa: N803
+        """Vhat_x^T (B, n) = B dJ/dx_T = d phi(x_T^i, y^i) and Vhat_xx^T (B, n, n): the exact
+        per-sample Hessian d2 phi (``terminal_hessian="exact"``) or ghat ghat^T ("outer").
+        phi is the problem's terminal cost on one sample (a batch of one)."""
+        def phi(xi: Tensor, yi: Tensor | None) -> Tensor:
+            return self.problem.terminal(xi.unsqueeze(0), None if yi is None else yi.unsqueeze(0))
+
+        dims = (0, None if y is None else 0)
+        xT = x_T.detach()  # noqa: N806
+        B = xT.shape[0]  # noqa: N806
+        g = vmap(grad(phi), in_dims=dims)(xT, y).reshape(B, -1)
+        if self.terminal_hessian == "outer":
+            return g, g[:, :, None] * g[:, None, :]
+        h = vmap(hessian(phi), in_dims=dims)(xT, y)
+        return g, h.reshape(B, g.shape[1], g.shape[1])
+
+    def _state_jacobian(self, t: int, x: Tensor) -> Tensor:
+        """Per-sample F^i = dx_{t+1}/dx_t of the stage (``Problem.step``), (B, n', n)."""
+        u = tuple(v.detach() for v in self.problem.stages[t].controls)
+
+        def single(xi: Tensor) -> Tensor:
+            return self.problem.step(t, xi.unsqueeze(0), u).reshape(-1)
+
+        fx = vmap(jacrev(single))(x.detach())
+        return fx.reshape(x.shape[0], fx.shape[1], -1)
+
+    @staticmethod
+    def _post_jacobian(aff: Affine, a: Tensor, z: Tensor) -> Tensor:
+        """Per-sample S^i = dpost(a, z)/dz at (a^i, z^i), (B, n', n_z)."""
+        def single(ai: Tensor, zi: Tensor) -> Tensor:
+            return aff.post(ai.unsqueeze(0), zi.unsqueeze(0)).reshape(-1)
+
+        return vmap(jacrev(single, argnums=1))(a, z)
+
+    def _stage_state(self, offset: int, n: int, counters: dict[str, Tensor]) -> dict[str, Any]:
+        """A view of the base optimizer's state for the control tensors offset..offset+n
+        (the same tensors, updated in place), with fresh copies of the shared counters."""
+        return {key: counters[key].clone() if key in counters else val[offset:offset + n]
+                for key, val in self.state.items()}
+
+    @torch.no_grad()
+    def _exact_backward(self, grads: list[Controls], xs: list[Tensor],
+                        records: list[StageRecord | None], y: Tensor | None
+                        ) -> tuple[list[_Exact | None], Tensor]:
+        """The exact per-sample backward pass (t = T-1..0; V' = stage t+1's values)::
+
+            Vhat_h = S^T Vhat'_x,  Qhat_x = F^T Vhat'_x,  H = S^T Vhat'_xx F,
+            Qhat_xx = F^T Vhat'_xx F,  Q_u = weightgrad(a, Vhat_h / B) + l_u,
+            k_t = base step with Q_u,  P_t = lr M_t^-1 (the state after that step),
+            R^i = Qhat_ux^iT P_t Qhat_ux^i,
+            Vhat_xx = Qhat_xx - c_B (2 gamma - gamma^2) R + eps_v I,
+            Vhat_x = Qhat_x (vx="backprop") or Qhat_x + H^T (D abar), D = -P_t Q_u (vx="ddp")
+
+        Control-free stages: Vhat_x = F^T Vhat'_x, Vhat_xx = F^T Vhat'_xx F + eps_v I.
+        l_u (weight decay, coupled costs) is the part of dJ/du_t that does not pass through
+        z (the autograd gradient minus weightgrad(a, dJ/dz)); state-dependent running costs
+        (l_x, l_xx, l_ux) are not modelled. Returns the stages' records and, per stage, the
+        smallest eigenvalue of Vhat_xx at x_t over the batch.
+        """
+        problem = self.problem
+        B = xs[0].shape[0]  # noqa: N806
+        v_x, v_xx = self._terminal_value(xs[-1], y)
+        gamma = float(self.gain)
+        c_b = (1.0 / B if self.c_b == "joint" else 1.0) * (2 * gamma - gamma * gamma)
+        counters = {} if self.curvature is None else {
+            k: v for k, v in self.state.items() if isinstance(v, Tensor)}
+        stepped: dict[str, Tensor] = {}
+        offsets, off = [], 0
+        for stage in problem.stages:
+            offsets.append(off)
+            off += len(stage.controls)
+        out: list[_Exact | None] = [None] * problem.T
+        self.last_backward = [None] * problem.T
+        eigs: list[Tensor] = [xs[0].new_zeros(())] * problem.T
+        for t in reversed(range(problem.T)):
+            stage, aff, x = problem.stages[t], self.affines[t], xs[t]
+            n = x[0].numel()
+            F = self._state_jacobian(t, x)  # noqa: N806
+            q_x = torch.einsum("bon,bo->bn", F, v_x)
+            q_xx = F.transpose(1, 2) @ v_xx @ F
+            reg = self.vxx_reg * torch.eye(n, dtype=x.dtype, device=x.device)
+            if aff is None:
+                v_x, v_xx = q_x, q_xx + reg
+                eigs[t] = torch.linalg.eigvalsh(v_xx).min()
+                if self.debug:
+                    self.last_backward[t] = {"Q_x": q_x, "Q_xx": q_xx, "V_x": v_x, "V_xx": v_xx}
+                continue
+            rec = records[t]
+            if rec.a.dim() != 2:
+                raise ConfigError(
+                    f"ddpnopt vxx='exact': stage {t} ({stage.describe()}) applies its dense "
+                    f"map to inputs of shape {tuple(rec.a.shape)}; the exact mode needs one "
+                    "input vector per sample (B, n). Use vxx='outer'")
+            u = tuple(v.detach() for v in stage.controls)
+            a = rec.a
+            z = aff.lin(a, u)
+            S = self._post_jacobian(aff, a, z)  # noqa: N806
+            v_h = torch.einsum("boz,bo->bz", S, v_x)  # = B dJ/dz for vx="backprop"
+            H = S.transpose(1, 2) @ v_xx @ F  # noqa: N806
+            w_shape = u[0].shape
+            l_u = tuple(g - w for g, w in zip(grads[t], aff.weight_grad(a, rec.dz, w_shape),
+                                              strict=True))
+            q_u_sweep = tuple(g + lu for g, lu in zip(aff.weight_grad(a, v_h / B, w_shape), l_u,
+                                                      strict=True))
+            q_u = grads[t] if self.vx == "backprop" else q_u_sweep
+            if self.kronecker is not None:
+                dz = rec.dz if self.vx == "backprop" else v_h.reshape(rec.dz.shape) / B
+                self._kfac_factors(t, aff, StageRecord(a, dz, rec.dx), w_shape)
+                k = tuple(-v for v in self.kronecker.apply(self.state, t, q_u, aff.has_bias))
+                P: Tensor | float | None = None  # noqa: N806
+            else:
+                sub = self._stage_state(offsets[t], len(u), counters)
+                k = tuple(self.curvature.update(list(q_u), sub))
+                stepped = {key: sub[key] for key in counters}
+                inv = self._inverse_curvatures(sub)
+                P = inv if isinstance(inv, float) else self._join(aff, inv)  # noqa: N806
+            abar = torch.cat([a, a.new_ones(B, 1)], 1) if aff.has_bias else a
+            R = self._r_matrix(t, P, H, abar)  # noqa: N806
+            v_x_new = q_x
+            if self.vx == "ddp":
+                D = -self._apply_p(t, P, self._join(aff, q_u))  # noqa: N806
+                v_x_new = q_x + torch.einsum("bzn,bz->bn", H, abar @ D.T)
+            v_xx_new = q_xx - c_b * R + reg
+            out[t] = _Exact(a, abar, H, P, k)
+            if self.debug:
+                self.last_backward[t] = {
+                    "Q_u": q_u, "Q_u_sweep": q_u_sweep, "V_h": v_h, "H": H, "Q_x": q_x,
+                    "Q_xx": q_xx, "R": R, "V_x": v_x_new, "V_xx": v_xx_new, "k": k, "P": P,
+                    "abar": abar}
+            v_x, v_xx = v_x_new, v_xx_new
+            eigs[t] = torch.linalg.eigvalsh(v_xx).min()
+        for key, val in stepped.items():  # the shared step counters advance once
+            self.state[key].copy_(val)
+        self._last_exact = out
+        return out, torch.stack(eigs)
+
+    def dense_feedback_gains(self, t: int) -> Tensor:
+        """K_t^i = -P_t Qhat_ux^i / B (B, m, n), densely, from the last exact backward pass
+        (the joint gain of sample i: sum_i K^i dx^i is the feedback direction d_t; m the
+        controls of stage t flattened W then b). For tests and small networks."""
+        st, aff = self._last_exact[t], self.affines[t]
+        B = st.H.shape[0]  # noqa: N806
+        qux = st.H.transpose(1, 2)[:, :, :, None] * st.abar[:, None, None, :]  # (B,n,n_z,n_a+1)
+        pq = self._apply_p(t, st.P, qux)
+        parts = [v.reshape(B, v.shape[1], -1) for v in self._split(aff, pq)]
+        return -torch.cat(parts, 2).transpose(1, 2) / B
+
+    def _exact_feedback_pass(self, x0: Tensor, y: Tensor | None, xs: list[Tensor],
+                             stages: list[_Exact | None]) -> tuple[Tensor, list[Tensor], Tensor]:
+        """u*_t = u_t + k_t + gamma d_t, d_t = -P_t weightgrad(a_t, (H dx) / B) with
+        dx = xhat_t - x_t, xhat_0 = x_0 (``Problem.policy_rollout``; k is already applied)."""
+        B = x0.shape[0]  # noqa: N806
+        gains: list[Tensor] = []
+        bound: list[Tensor] = []
+        self.last_debug = []
+        moved = [False]
+        gain = torch.as_tensor(float(self.gain), dtype=x0.dtype, device=x0.device)
+
+        def policy(t: int, xhat: Tensor) -> None:
+            stage, st, aff = self.problem.stages[t], stages[t], self.affines[t]
+            if st is not None and moved[0]:
+                dx = (xhat - xs[t]).reshape(B, -1)
+                hdx = torch.einsum("bzn,bn->bz", st.H, dx)
+                wg = self._join(aff, aff.weight_grad(st.a, hdx / B, stage.controls[0].shape))
+                d = self._split(aff, -self._apply_p(t, st.P, wg))
+                gamma = gain
+                if self.trust > 0:  # |gamma d| <= trust |k|
+                    k_sq = sum((v * v).sum() for v in st.k)
+                    d_sq = sum((v * v).sum() for v in d)
+                    cap = torch.nan_to_num_(self.trust * torch.sqrt(k_sq / d_sq), 0.0, 0.0, 0.0)
+                    bound.append(cap < gamma)
+                    gamma = torch.minimum(gamma, cap)
+                gains.append(gamma)
+                if self.debug:
+                    self.last_debug.append({"t": t, "dx": dx, "d": d, "gamma": gamma})
+                for u, di in zip(stage.controls, d, strict=True):
+                    u.add_(torch.nan_to_num(di * gamma, 0.0, 0.0, 0.0))
+            if stage.controls:
+                moved[0] = True
+            return None
+
+        with torch.no_grad():
+            traj = self.problem.policy_rollout(x0, y, policy)
+        return traj.objective, gains, _rate(bound, x0)
+
+    def _exact_step(self, x0: Tensor, y: Tensor | None) -> StepInfo:
+        if self.comm is not None:
+            raise ConfigError("ddpnopt vxx='exact' runs in one process (its per-sample "
+                              "matrices are not all-reduced); use vxx='outer' for data "
+                              "parallel training")
+        J, grads, traj = self.problem.value_and_gradients(x0, y, intermediates=True)  # noqa: N806
+        stages, eigs = self._exact_backward(grads, traj.xs, traj.records, y)
+        with torch.no_grad():
+            for t, st in enumerate(stages):
+                if st is not None:
+                    torch._foreach_add_(list(self.problem.stages[t].controls), list(st.k))
+        extra: dict[str, Any] = {"vxx_min_eig": eigs}
+        if self.feedback:
+            after, gains, rate = self._exact_feedback_pass(x0, y, traj.xs, stages)
+            extra.update(loss_after=after, gains=gains, cap_rate=rate,
+                         clip_rate=x0.new_zeros(()))
+        return StepInfo(loss=J, accepted=True, grad_norm=grad_norm(grads), extra=extra)
+
+    def state_tensors(self) -> list[Tensor]:
+        if self.curvature is None:
+            return []
+        return [t for v in self.state.values() for t in ([v] if isinstance(v, Tensor) else v)]
+
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()  # the base optimizer's state, when there is one
-        if self.optimizer is None:
-            state["kfac"] = [{k: v.clone() for k, v in s.items()} for s in self.kfac_state]
+        state = super().state_dict()
+        if self.curvature is not None:
+            state["curvature"] = state_to_dict(self.state)
+        else:
+            state["kfac"] = [{k: v.clone() for k, v in s.items()} for s in self.state]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if self.optimizer is None and "kfac" in state:
-            self.kfac_state = [{k: v.clone() for k, v in s.items()} for s in state["kfac"]]
+        if self.curvature is not None and "curvature" in state:
+            load_state(self.state, state["curvature"])
+        elif self.curvature is None and "kfac" in state:
+            self.state = [{k: v.clone() for k, v in s.items()} for s in state["kfac"]]
 
 
 def _factory(problem: Problem, lr: float | None = None, **options: Any) -> DDPNOpt:
@@ -491,4 +657,8 @@ def _factory(problem: Problem, lr: float | None = None, **options: Any) -> DDPNO
 
 
 register("ddpnopt", _factory, "DDPNOpt: layer-wise DDP feedback policy on a base optimizer's "
-         "curvature (base=sgd|momentum|rmsprop|adam|kfac, gain=auto|number, vxx_reg)")
+         "curvature (base=sgd|momentum|rmsprop|adam|kfac, gain=auto|number, vxx_reg, "
+         "vxx=outer|exact)",
+         solver_class=DDPNOpt, default_lr=DEFAULT_LR["adam"], lr_defaults=("base", DEFAULT_LR),
+         data_parallel=True, cost="first-order-feedback",
+         options=(DDPNOpt, SGD, RMSprop, Adam))

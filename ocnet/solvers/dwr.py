@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..data import batches
 from ..neural_ode.model import Loss, NeuralODE
 from ..ocp.errors import ConfigError, unknown_name
 from ..ocp.problem import Problem
-from .base import make_solver
+from .loop import fit, minibatches
+from .registry import make_solver
 
 Inner = Callable[[Problem, Tensor, Tensor | None], None]
 ESTIMATORS = ("primal", "full")
@@ -225,12 +225,11 @@ class DWR:
             self.inner(problem, x, y)
             return problem
         solver = make_solver(self.inner, problem, lr=self.lr, **self.solver_options)
-        for _ in range(self.steps):
-            if self.batch_size is None or y is None:
-                solver.step(x, y)
-            else:
-                for xb, yb in batches(x, y, self.batch_size, generator=self.generator):
-                    solver.step(xb, yb)
+        if self.batch_size is None or y is None:
+            fit(solver, [(x, y)], epochs=self.steps)  # full batch: one step per "epoch"
+        else:
+            bs, gen = self.batch_size, self.generator
+            fit(solver, lambda _epoch: minibatches(x, y, bs, generator=gen), epochs=self.steps)
         return problem
 
     def estimate(self, model: NeuralODE, x: Tensor, y: Tensor | None) -> Tensor:

@@ -1,10 +1,12 @@
-"""The gradient baseline: costate gradients fed to a ``torch.optim`` optimizer.
+"""The gradient baseline: costate gradients fed to a first-order base optimizer.
 
     g_t = dJ/du_t = -dH_t/du (x_t, p_{t+1}, u_t)      (Problem.value_and_gradients)
-    u  <- optimizer(u, g)                              (SGD, heavy ball, RMSprop, Adam)
+    u  <- u + k,  k = update(g, state)                 (SGD, heavy ball, RMSprop, Adam)
 
-Weight decay belongs to the problem (a running cost), not to the optimizer.
-Data parallel (``comm`` set): J and g are averaged over the ranks before the update.
+The base optimizers are the curvature objects of :mod:`ocnet.solvers.curvature` (equal to
+``torch.optim`` to 1e-12), shared with DDPNOpt. Weight decay belongs to the problem (a
+running cost), not to the optimizer. Data parallel (``comm`` set): J and g are averaged
+over the ranks before the update.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from torch import Tensor
 from ..ocp.errors import ConfigError, unknown_name
 from ..ocp.problem import Problem
 from .base import Solver, StepInfo, grad_norm, register
+from .curvature import FIRST_ORDER, Curvature, load_state, make_curvature, state_to_dict
 
+#: the base optimizers by name (their torch.optim twins)
 OPTIMIZERS = {
     "sgd": torch.optim.SGD,
     "momentum": torch.optim.SGD,
@@ -28,42 +32,52 @@ DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "rmsprop": 1e-3, "adam": 1e-3}
 
 
 class GradientSolver(Solver):
-    """Gradient descent in any ``torch.optim`` flavour, on costate gradients.
+    """Gradient descent in any first-order flavour, on costate gradients.
 
     Args:
         problem: the problem to train.
         optimizer: ``"sgd"``, ``"momentum"`` (SGD with momentum 0.9 unless given),
             ``"rmsprop"`` or ``"adam"``.
         lr: the learning rate (default per optimizer: ``DEFAULT_LR``).
-        **options: passed to the ``torch.optim`` class (e.g. ``betas``, ``momentum``).
+        **options: the base optimizer's options, named as in ``torch.optim``
+            (``momentum``, ``dampening``, ``nesterov``; ``alpha``, ``eps``, ``centered``;
+            ``betas``, ``eps``, ``amsgrad``).
     """
-
-    supports_comm = True
 
     def __init__(self, problem: Problem, optimizer: str = "adam", lr: float | None = None,
                  **options: Any) -> None:
         super().__init__(problem)
-        if optimizer not in OPTIMIZERS:
-            raise unknown_name("optimizer", optimizer, list(OPTIMIZERS))
+        if optimizer not in FIRST_ORDER:
+            raise unknown_name("optimizer", optimizer, list(FIRST_ORDER))
         if lr is not None and not lr > 0:
             raise ConfigError(f"lr must be positive, got {lr}")
-        if optimizer == "momentum":
-            options.setdefault("momentum", 0.9)
         self.name = optimizer
         self.lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
-        params = problem.parameters()
-        if not params:
+        self.params = problem.parameters()
+        if not self.params:
             raise ConfigError(f"{problem!r} has no controls to optimise")
-        self.optimizer = OPTIMIZERS[optimizer](params, lr=self.lr, **options)
+        self.curvature: Curvature = make_curvature(optimizer, self.lr, **options)
+        self.state = self.curvature.init(self.params)
 
     def _step(self, x0: Tensor, y: Tensor | None) -> StepInfo:
         loss, grads, _ = self.problem.value_and_gradients(x0, y)
         loss, grads = self.reduce_grads(loss, grads)  # data parallel: mean over ranks
-        for stage, gs in zip(self.problem.stages, grads, strict=True):
-            for u, g in zip(stage.controls, gs, strict=True):
-                u.grad = g
-        self.optimizer.step()
+        flat = [g for gs in grads for g in gs]
+        with torch.no_grad():
+            torch._foreach_add_(self.params, self.curvature.update(flat, self.state))
         return StepInfo(loss=loss, accepted=True, grad_norm=grad_norm(grads))
+
+    def state_tensors(self) -> list[Tensor]:
+        return [t for v in self.state.values()
+                for t in ([v] if isinstance(v, Tensor) else v)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "curvature": state_to_dict(self.state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "curvature" in state:
+            load_state(self.state, state["curvature"])
 
 
 for _name, _summary in [
@@ -72,4 +86,7 @@ for _name, _summary in [
     ("rmsprop", "RMSprop on costate gradients"),
     ("adam", "Adam on costate gradients"),
 ]:
-    register(_name, lambda problem, _o=_name, **kw: GradientSolver(problem, _o, **kw), _summary)
+    register(_name, lambda problem, _o=_name, **kw: GradientSolver(problem, _o, **kw), _summary,
+             solver_class=GradientSolver, default_lr=DEFAULT_LR[_name], data_parallel=True,
+             cost="first-order", options=(GradientSolver, FIRST_ORDER[_name]),
+             fixed=("optimizer",))

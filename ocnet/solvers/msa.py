@@ -16,8 +16,11 @@ Basic MSA is ``rho = 0`` (it can diverge: the argmax of H ignores that x and p m
 E-MSA penalises leaving the region where the frozen x and p are still valid. The
 factors 1/B and B make Htilde the batch *mean* of the per-sample augmented Hamiltonian
 of the paper (whose costates are the per-sample p^i * B), see ``docs/msa.md``.
-At u = u_t both penalties vanish and grad Htilde_t = dH_t/du = -dJ/du_t, so a fixed
-point of E-MSA satisfies dJ/du = 0 (the Pontryagin condition).
+A cost coupling several stages (``Problem.couplings``, e.g. the DG(0) jump term) enters
+each layer's Htilde_t with the other stages held at the iterate (so the per-layer
+gradients at u_t sum to dC/du). At u = u_t both penalties vanish and
+grad Htilde_t = dH_t/du = -dJ/du_t, so a fixed point of E-MSA satisfies dJ/du = 0 (the
+Pontryagin condition).
 
 The maximisation runs for all controlled layers together on one flat vector of all
 controls, on the problem's device. Each evaluation is one forward pass of every layer,
@@ -170,6 +173,8 @@ class _Frozen:
     p_out: list[Tensor]   # p_{t+1}
     rho: float
     batch: int
+    #: the controls the other stages of a coupled cost are held at (None: no couplings)
+    reference: list[Controls] | None = None
 
 
 # ---------------------------------------------------------------------------- the solver
@@ -193,7 +198,6 @@ class EMSA(Solver):
     """
 
     name = "emsa"
-    supports_comm = True
 
     def __init__(
         self,
@@ -266,6 +270,8 @@ class EMSA(Solver):
             p_out=[ps[t + 1] for t in lay.stages],
             rho=rho,
             batch=x0.shape[0],
+            reference=[tuple(v.detach().clone() for v in us) for us in problem.controls]
+            if problem.couplings else None,
         )
         with torch.no_grad():
             z0 = lay.flatten(problem.controls).detach().clone()
@@ -277,6 +283,9 @@ class EMSA(Solver):
             for k, t in enumerate(lay.stages):
                 h = (fr.p_out[k] * fr.x_out[k]).sum()
                 c = traj.running_costs[t]
+                if problem.couplings:
+                    cc = problem.stage_coupled_cost(t, problem.stages[t].controls, fr.reference)
+                    c = cc if c is None else (c if cc is None else c + cc)
                 h0.append(h if c is None else h - c)
             (phi0,) = self.reduce_mean([-torch.stack(h0)])  # local batch means
             g0 = lay.flatten(grads)
@@ -318,17 +327,20 @@ class EMSA(Solver):
     def evaluate(self, z: Tensor, fr: _Frozen, need_grad: bool = True
                  ) -> tuple[Tensor, Tensor | None]:
         """phi = -Htilde per layer (L,) at the flat controls ``z``, and d(sum phi)/dz."""
-        lay, stages = self.layout, self.problem.stages
+        lay, problem = self.layout, self.problem
         self.evaluations += 1
         rho, B = fr.rho, fr.batch  # noqa: N806
         with torch.enable_grad():
             z = z.detach().requires_grad_(need_grad)
             hs, sq_x = [], []
             for k, (t, u) in enumerate(zip(lay.stages, lay.views(z), strict=True)):
-                stage, x = stages[t], fr.x_in[k]
-                out = stage.f(x, u)
+                x = fr.x_in[k]
+                out = problem.step(t, x, u)
                 h = (fr.p_out[k] * out).sum()
-                c = stage.cost(x, u)
+                c = problem.running_cost(t, x, u)
+                if problem.couplings:  # this layer's share of costs coupling stages
+                    cc = problem.stage_coupled_cost(t, u, fr.reference)
+                    c = cc if c is None else (c if cc is None else c + cc)
                 hs.append(h if c is None else h - c)
                 if rho > 0:
                     d = out - fr.x_out[k]
@@ -499,6 +511,10 @@ class MSA(EMSA):
 
 
 register("msa", lambda problem, lr=None, **kw: MSA(problem, lr=lr, **kw),
-         "basic method of successive approximations: maximise each layer's Hamiltonian")
+         "basic method of successive approximations: maximise each layer's Hamiltonian",
+         solver_class=MSA, default_lr=DEFAULT_INNER_LR["lbfgs"],
+         lr_defaults=("inner", DEFAULT_INNER_LR), data_parallel=True, cost="inner-iterations")
 register("emsa", lambda problem, lr=None, **kw: EMSA(problem, lr=lr, **kw),
-         "extended MSA: maximise each layer's augmented Hamiltonian (penalty rho)")
+         "extended MSA: maximise each layer's augmented Hamiltonian (penalty rho)",
+         solver_class=EMSA, default_lr=DEFAULT_INNER_LR["lbfgs"],
+         lr_defaults=("inner", DEFAULT_INNER_LR), data_parallel=True, cost="inner-iterations")

@@ -438,8 +438,6 @@ class PortHamiltonianSolver(Solver):
     and, with a schedule, ``phase`` (events fired so far) and ``smoothed_loss``: tensors.
     """
 
-    supports_comm = True
-
     def __init__(self, problem: Problem, lr: float | None = None, *,
                  schedule: BrakingSchedule | None = None, name: str = "phb",
                  **options: Any) -> None:
@@ -518,6 +516,11 @@ def make_phb_goal(problem: Problem, lr: float | None = None, *, r: float = 0.1,
 
 
 register("phb", make_phb,
-         "port-Hamiltonian heavy ball with constant friction (symplectic Euler, implicit damping)")
+         "port-Hamiltonian heavy ball with constant friction (symplectic Euler, implicit damping)",
+         solver_class=PortHamiltonianSolver, default_lr=0.25, data_parallel=True,
+         cost="first-order", options=(PortHamiltonianSolver, PortHamiltonian), fixed=("name",))
 register("phb-goal", make_phb_goal,
-         "port-Hamiltonian heavy ball with goal-oriented braking (friction raised at loss goals)")
+         "port-Hamiltonian heavy ball with goal-oriented braking (friction raised at loss goals)",
+         solver_class=PortHamiltonianSolver, default_lr=0.25, data_parallel=True,
+         cost="first-order", options=(make_phb_goal, PortHamiltonianSolver, PortHamiltonian),
+         fixed=("name", "schedule"))

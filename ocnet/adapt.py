@@ -1,5 +1,8 @@
 """``ocnet adapt``: goal-oriented layer insertion (DWR) for a neural ODE on a data set.
 
+(The experiments layer: it uses a data set, the DWR solver and the NeuralODE model; it was
+``ocnet.neural_ode.adapt_cli`` before the layers were enforced.)
+
 Trains a coarse NeuralODE, refines it adaptively (DWR + Doerfler) and, with
 ``--compare-uniform`` (default), uniformly from the same coarse start; writes
 ``history.json`` (mesh, objective, estimate, indicators, accuracy per refinement) and
@@ -17,10 +20,12 @@ from typing import Any
 import click
 import torch
 
-from ..dynamics import TimeMesh
-from ..ocp.errors import unknown_name
-from .model import FIELDS, LIFTS, NeuralODE, make_field
-from .regularizer import DG0Regularizer
+from .data import load
+from .dynamics import TimeMesh
+from .neural_ode.model import FIELDS, LIFTS, NeuralODE, make_field
+from .neural_ode.regularizer import DG0Regularizer
+from .ocp.errors import unknown_name
+from .solvers.dwr import DWR
 
 # per-data-set defaults from the literature (REFERENCE.md section 4)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -56,9 +61,6 @@ def run_adapt(data: str, *, seed: int = 0, n0: int = 4, max_layers: int = 32,
     """Refinement from the same coarse start for each arm: ``adaptive`` (DWR + Doerfler),
     ``uniform`` (bisect all), ``random`` (as many as Doerfler, at random). Returns a dict with
     each arm's :class:`~ocnet.solvers.dwr.DWR` (history, final model), settings and data."""
-    from ..data import load
-    from ..solvers.dwr import DWR
-
     preset = {**PRESETS.get(data, DEFAULT_PRESET)}
     width = width or preset["width"]
     T = T or preset["T"]  # noqa: N806

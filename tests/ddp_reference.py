@@ -24,10 +24,9 @@ import torch
 from torch import Tensor
 from torch.autograd.functional import hessian, jacobian
 
-from ..bridge.derivatives import flatten_controls, unflatten_controls
-from ..ocp.problem import Problem
-from ..ocp.stage import Controls, Stage
-from .ddp import StageQuantities
+from ocnet.ocp.problem import Problem
+from ocnet.ocp.stage import Controls, Stage, flatten_controls, unflatten_controls
+from ocnet.solvers.ddp import StageQuantities
 
 
 def reference_backward(problem: Problem, x0: Tensor, y: Tensor | None, *, mu: float = 0.0,
