@@ -37,7 +37,14 @@ Usage (one thread, as the tables in benchmarks/results were measured)::
 
 The benchmark uses only public API (``make_solver``, ``solver_names``, ``to_problem``,
 ``build_model``, ``data.load``, ``solver.step``, ``NOVAS``), so it runs unchanged against an
-older tree: ``PYTHONPATH=/path/to/old/tree python benchmarks/speed.py``.
+older tree: ``PYTHONPATH=/path/to/old/tree python benchmarks/speed.py``. Before/after in one
+process (issue 13): ``--versus TREE`` loads the ``ocnet`` of the source tree TREE a second
+time under another name and steps its solvers (rows ``NAME@versus``) in turn with the current
+ones on the same batches; the last column is the current tree's cpu time over TREE's::
+
+    git worktree add /tmp/ocnet-before 6d0ed8a
+    .venv/bin/python benchmarks/speed.py --versus /tmp/ocnet-before --sweep issue \
+        --out benchmarks/results/speed_after.md
 """
 
 from __future__ import annotations
@@ -297,7 +304,10 @@ def interleave(entries: list[Entry], steps: int, warmup: int, device: torch.devi
     for r in range(rounds):
         live = [e for e in entries if e.ok]
         k = r % len(live) if live else 0
-        for e in live[k:] + live[:k]:
+        order = live[k:] + live[:k]
+        if r % 2:  # each neighbour (a solver and its --versus twin) goes first as often
+            order.reverse()
+        for e in order:
             try:
                 with time_limit(max_step_s):
                     cpu, wall, out = timed(lambda e=e, r=r: e.step(r), device, e.host_sync is None)
@@ -401,9 +411,18 @@ def _twins(entries: list[Entry], base: Entry) -> tuple[dict[str, Entry], dict[st
     return bases, twins
 
 
+def _paired_ratio(e: Entry, twin: Entry) -> float:
+    """Median over rounds of e's cpu time over its twin's in the same round (the two ran
+    next to each other, so a load spike hits both); ratio of medians if rounds were lost."""
+    if e.cpu and len(e.cpu) == len(twin.cpu):
+        return statistics.median(a / b for a, b in zip(e.cpu, twin.cpu, strict=True))
+    return e.med("cpu") / twin.med("cpu") if e.cpu and twin.cpu else math.nan
+
+
 def entry_rows(entries: list[Entry], base: Entry) -> tuple[list[str], list[dict]]:
     """Table rows; ratios are to the baseline of the entry's own tree. With ``--versus`` a
-    last column gives the current tree's cpu time over the other tree's, solver by solver."""
+    last column gives the current tree's cpu time over the other tree's, solver by solver
+    (the median over rounds of the paired ratio)."""
     lines, records = [], []
     bases, twins = _twins(entries, base)
     for e in entries:
@@ -419,14 +438,14 @@ def entry_rows(entries: list[Entry], base: Entry) -> tuple[list[str], list[dict]
             f"{_ratio(rw, base.med('wall'))} | {_ratio(floor, 1.0)} | "
             f"{_ratio(cpu_ratio, floor)} | "
             f"{'-' if e.peak is None else f'{e.peak / 2**20:.2f}'} | {note} |"
-            + (f" {_ratio(rc, twins[e.name].med('cpu')) if e.name in twins else ''} |"
+            + (f" {_ratio(_paired_ratio(e, twins[e.name]), 1.0) if e.name in twins else ''} |"
                if twins else "")
         )
         records.append(dict(
             solver=e.name, status=e.status, host_sync=e.host_sync, cpu_s=e.cpu, wall_s=e.wall,
             median_cpu_s=rc, median_wall_s=rw, flops=e.flops, floor=floor,
             peak_bytes=e.peak, loss_first_last=e.loss,
-            cpu_over_versus=(rc / twins[e.name].med("cpu") if e.name in twins else None),
+            cpu_over_versus=(_paired_ratio(e, twins[e.name]) if e.name in twins else None),
         ))
     return lines, records
 
@@ -767,7 +786,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--versus", type=Path, metavar="TREE", help="also time the solvers of the "
                     "ocnet source tree TREE (e.g. a git worktree of the old commit), interleaved "
                     "with the current ones in the same process: rows 'NAME@versus' and a column "
-                    "'cpu / versus' (current over TREE)")
+                    "'cpu / versus' (current over TREE: median of the per-round ratios)")
     ap.add_argument("--out", type=Path, help="write the tables to FILE.md and JSON to FILE.json")
     args = ap.parse_args(argv)
     q = args.quick

@@ -358,6 +358,14 @@ def _split_bundled(
     from sklearn.model_selection import train_test_split
 
     n = len(y)
+    n_classes = len(np.unique(y))
+    for what, value in (("n_train", n_train), ("n_test", n_test)):
+        if value is not None and value > n - n_classes:
+            raise DataError(
+                f"{name} has {n} samples, so {what}={value} is too many: the other split "
+                f"needs at least one sample per class; use --{what.replace('_', '-')} at "
+                f"most {n - n_classes} (n_train + n_test <= {n})"
+            )
     if n_test is not None:
         n_te = n_test
     elif n_train is not None:  # 25 % test, or what is left after n_train

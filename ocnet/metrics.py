@@ -4,7 +4,7 @@ The columns (``METRIC_COLUMNS``) are a public contract: ``epoch``, ``train_loss`
 of the epoch's step losses), ``test_loss``, ``test_accuracy``, ``train_accuracy`` (after
 the epoch), ``seconds`` (the epoch's training wall time) and ``steps``.
 
-The file is always replaced atomically (:func:`ocnet.checkpoint.atomic_write`): a run killed
+The file is always replaced atomically (``ocnet._atomic.atomic_write``): a run killed
 while writing it leaves the previous version, never an empty or half-written file.
 """
 
@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .checkpoint import atomic_write
+from ._atomic import atomic_write
 
 __all__ = ["METRIC_COLUMNS", "append_metrics", "read_metrics", "write_metrics"]
 

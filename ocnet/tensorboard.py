@@ -14,7 +14,8 @@
 ``extra`` diagnostics (DDPNOpt's feedback gains per layer, E-MSA's ``rho`` and per-layer
 ``htilde_before``/``htilde_after`` with their ``htilde_gain``, the port-Hamiltonian
 ``energy``/``friction``/``phase``, ...); per-layer vectors become ``name/0``, ``name/1``, ...
-plus ``name/mean``, nested dicts ``name/key``, lists of events their count. Step scalars go
+plus ``name/mean``, nested dicts ``name/key``, lists of events their count (lists of
+integers, which are indices, are skipped). Step scalars go
 under ``step/``, epoch metrics under ``epoch/``.
 
 Reading a device tensor's value is a host synchronisation: log every ``every`` steps to
@@ -80,7 +81,8 @@ def _flatten(name: str, value: Any) -> Iterator[tuple[str, float]]:
     elif isinstance(value, list | tuple):
         if value and all(isinstance(v, Mapping) for v in value):  # e.g. braking events
             yield f"{name}/count", float(len(value))
-        elif value and all(isinstance(v, numbers.Real | torch.Tensor) for v in value):
+        elif value and all(isinstance(v, float | torch.Tensor) for v in value):
+            # (lists of Python ints are indices, e.g. E-MSA's controlled stages: skipped)
             try:
                 stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(())
                                        for v in value])

@@ -426,8 +426,9 @@ def _finite_row(row: Any) -> bool:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
+    """An exception's message as one line (at most 300 characters)."""
+    text = " ".join(str(err).split())
+    return (text[:297] + "...") if len(text) > 300 else (text or type(err).__name__)
 
 
 def _check_state(state: dict[str, Any], path: Path) -> None:
@@ -475,7 +476,7 @@ def _apply_state(state: dict[str, Any], path: Path, model: torch.nn.Module, solv
         try:
             do_load()
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError,
-                IndexError) as err:
+                IndexError, OverflowError) as err:
             raise CheckpointError(f"checkpoint {path} does not fit {what} of this run "
                                   f"({type(err).__name__}: {_first_line(err)})") from err
 
@@ -892,9 +893,11 @@ def _train_locked(config: TrainConfig, resume: Path | None, comm: Any,
     progress = ProgressBar(n_batches * max(config.epochs - start_epoch, 0),
                            config.progress and rank == 0, f"{config.solver} on {config.data}",
                            history)
+    divergence = StopOnDivergence(f"solver {config.solver}, lr {lr}", n_batches, checkpoints,
+                                  history)
     callbacks: list[Callback] = [
         metrics,
-        StopOnDivergence(f"solver {config.solver}, lr {lr}", n_batches, checkpoints, history),
+        divergence,
         progress,
         checkpoints,
     ]
@@ -903,10 +906,19 @@ def _train_locked(config: TrainConfig, resume: Path | None, comm: Any,
     try:
         result = fit(solver, epoch_batches, epochs=config.epochs, start_epoch=start_epoch,
                      callbacks=callbacks, max_rejected=config.max_rejected or None)
+    except TrainingDiverged as err:
+        if "checkpoint" in str(err):
+            raise
+        raise TrainingDiverged(f"{err} ({divergence._where()})") from err
     finally:
         progress.close()
     stopped = result.stopped
     step_seconds = metrics.step_seconds
+    if result.steps and result.rejected == result.steps:
+        warnings.warn(
+            f"every one of the {result.steps} steps of this run was rejected (solver "
+            f"{config.solver}, lr {lr}): the controls did not change. Lower the learning rate "
+            "(--lr) or use another solver", RuntimeWarning, stacklevel=2)
 
     steps = int(solver.steps)
     final = history[-1] if history else {}
@@ -931,6 +943,7 @@ def _train_locked(config: TrainConfig, resume: Path | None, comm: Any,
         "python_version": platform.python_version(),
         "resumed_from": None if resumed_from is None else str(resumed_from),
         "stopped": stopped,
+        "rejected_steps": result.rejected,
         "wall_seconds": time.perf_counter() - t_start,
         "config": config.to_dict(),
     }

@@ -195,7 +195,10 @@ def test_shared_parameters_and_bad_options_are_refused():
     lin = nn.Linear(3, 3)
     with pytest.raises(ConfigError, match="layer 2 shares a parameter with layer 0"):
         to_problem(nn.Sequential(lin, nn.Tanh(), lin), "mse")
-    with pytest.raises(ConfigError, match="weight_decay must be >= 0"):
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="weight_decay must be a finite number >= 0"):
+            to_problem(nn.Sequential(nn.Linear(3, 3)), "mse", weight_decay=bad)
+    with pytest.raises(ConfigError, match="weight_decay must be a finite number >= 0"):
         to_problem(nn.Sequential(nn.Linear(3, 3)), "mse", weight_decay=-1.0)
     with pytest.raises(ConfigError, match="valid losses are: cross_entropy, mse"):
         resolve_loss("l1")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ocnet import checkpoint as ckpt
 from ocnet.ocp.errors import CheckpointError
@@ -136,3 +139,74 @@ def test_foreign_and_unsafe_files(tmp_path):
     ckpt.save_checkpoint(tmp_path / "obj.pt", {"thing": ValueError("x")})
     with pytest.raises(CheckpointError, match="weights_only=True"):
         ckpt.load_checkpoint(tmp_path / "obj.pt")
+
+
+# ----------------------------------------------------------------------------- issue 16
+
+
+def test_atomic_write_and_stale_temp_cleaning(tmp_path):
+    p = ckpt.atomic_write(tmp_path / "metrics.csv", "a,b\n1,2\n")
+    assert p.read_text() == "a,b\n1,2\n"
+    ckpt.atomic_write(p, b"x")
+    assert p.read_bytes() == b"x"
+    stale = [tmp_path / ".metrics.csv.tmp-4242", tmp_path / ".summary.json.tmp",
+             tmp_path / ".loss.tmp-77.png", tmp_path / ".epoch_0003.pt.tmp-1"]
+    keep = [tmp_path / "epoch_0001.pt", tmp_path / "notes.tmp", tmp_path / ".hidden"]
+    for f in stale + keep:
+        f.write_bytes(b"junk")
+    removed = ckpt.clean_stale_temp(tmp_path, tmp_path / "missing")
+    assert sorted(removed) == sorted(stale)
+    assert all(f.exists() for f in keep)
+
+
+def _envelope_file(tmp_path, obj) -> os.PathLike:
+    path = tmp_path / "epoch_0005.pt"
+    torch.save(obj, path)
+    return path
+
+
+_junk = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+                  st.binary(max_size=16), st.lists(st.integers(), max_size=3))
+_payload = st.one_of(
+    _junk,
+    st.binary(max_size=64).map(lambda b: torch.tensor(list(b), dtype=torch.uint8)),
+    st.integers(0, 5).map(lambda n: torch.ones(n)),
+)
+
+
+@st.composite
+def _envelopes(draw):
+    kind = draw(st.sampled_from(["dict", "not a dict", "valid digest"]))
+    if kind == "not a dict":
+        return draw(_junk)
+    if kind == "valid digest":  # the digest matches, the content is junk or not a dict
+        inner = draw(st.one_of(st.binary(max_size=64), _junk.map(_torch_bytes)))
+        return {"format": "ocnet-checkpoint", "version": 1,
+                "sha256": hashlib.sha256(inner).hexdigest(),
+                "payload": torch.tensor(list(inner), dtype=torch.uint8)}
+    env = {"format": draw(st.one_of(st.just("ocnet-checkpoint"), _junk)),
+           "version": draw(st.one_of(st.just(1), _junk)),
+           "sha256": draw(st.one_of(st.text(alphabet="0123456789abcdef", min_size=64,
+                                            max_size=64), _junk)),
+           "payload": draw(_payload)}
+    drop = draw(st.lists(st.sampled_from(sorted(env)), max_size=2))
+    return {k: v for k, v in env.items() if k not in drop}
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(envelope=_envelopes())
+def test_a_malformed_envelope_is_always_a_checkpoint_error(tmp_path, envelope):
+    path = _envelope_file(tmp_path, envelope)
+    try:
+        state = ckpt.load_checkpoint(path)
+    except CheckpointError as err:
+        assert str(path) in str(err)
+    else:  # only a genuine envelope of a dict loads
+        assert isinstance(state, dict)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ocnet import checkpoint as ckpt
 from ocnet import data as ocdata
@@ -93,19 +96,25 @@ def test_nan_in_data_is_refused_before_training(monkeypatch):
         train(_cfg())
 
 
-def test_nan_loss_stops_training_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("guard", [True, False])
+def test_nan_loss_stops_training_and_keeps_last_checkpoint(tmp_path, monkeypatch, guard):
+    """Guard off: the first NaN loss of an accepted step stops the run. Guard on (the
+    default): the NaN steps are undone and the run stops after max_rejected=3 of them in a
+    row, naming the first; either way the last good checkpoint is named and kept."""
     real_step = GradientSolver._step
 
     def step(self, x0, y):
         info = real_step(self, x0, y)
-        if self.steps == 15:  # during epoch 2 (10 steps per epoch)
+        if self.steps >= 15:  # from step 6 of epoch 2 on (10 steps per epoch)
             info.loss = info.loss * float("nan")
         return info
 
     monkeypatch.setattr(GradientSolver, "_step", step)
-    with pytest.raises(TrainingDiverged, match=r"NaN|nan") as e:
-        train(_cfg(tmp_path))
+    with pytest.raises(TrainingDiverged, match=r"NaN|nan|not finite") as e:
+        train(_cfg(tmp_path, solver_options={"guard": guard}))
     assert "epoch 2, step 6" in str(e.value) and "epoch_0001.pt" in str(e.value)
+    if guard:
+        assert "3 consecutive steps of solver 'adam' were rejected" in str(e.value)
     assert [p.name for p in ckpt.find_checkpoints(tmp_path)] == ["epoch_0001.pt"]
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["epoch"] == 1
     assert len(list(csv.DictReader(open(tmp_path / "metrics.csv")))) == 1
@@ -238,3 +247,138 @@ def test_minibatches_cover_every_sample_once_and_allow_no_targets():
     assert sorted(got[:, 0].tolist()) == list(range(10))
     with pytest.raises(DataError, match="batch_size must be a positive int"):
         minibatches(x, None, 0)
+
+
+# ----------------------------------------------------------------------------- issue 16
+
+
+def test_an_epoch_that_evaluates_to_nan_is_never_the_last_good_checkpoint(tmp_path,
+                                                                          monkeypatch):
+    real_evaluate = trainmod.evaluate
+    calls = {"n": 0}
+
+    def evaluate(problem, x, y, chunk=4096):
+        calls["n"] += 1
+        loss, acc = real_evaluate(problem, x, y, chunk)
+        return (loss * float("nan"), acc) if calls["n"] == 3 else (loss, acc)  # epoch 2 test
+
+    monkeypatch.setattr(trainmod, "evaluate", evaluate)
+    with pytest.raises(TrainingDiverged, match=r"after epoch 2 the network evaluates to a "
+                                               r"non-finite loss .*not checkpointed.*"
+                                               r"epoch_0001\.pt"):
+        train(_cfg(tmp_path))
+    assert [p.name for p in ckpt.find_checkpoints(tmp_path)] == ["epoch_0001.pt"]
+
+
+def test_one_step_epochs_with_a_diverging_lr_stop_with_finite_checkpoints(tmp_path):
+    cfg = _cfg(tmp_path, solver="sgd", lr=1e38, batch_size=10**6, epochs=5)
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive steps of solver 'sgd' were "
+                                               r"rejected .*epoch 1, step 1 of the epoch"):
+        train(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert all(float(r["test_loss"]) < 10 for r in rows)  # the weights never changed
+    for p in ckpt.find_checkpoints(tmp_path):
+        st = ckpt.load_checkpoint(p)
+        assert all(bool(torch.isfinite(v).all()) for v in st["model"].values())
+
+
+def test_metrics_csv_is_replaced_atomically_every_epoch(tmp_path, monkeypatch):
+    writes = []
+    real = ckpt.atomic_write
+
+    def spy(path, data):
+        writes.append((ckpt.Path(path).name, data))
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "atomic_write", spy)
+    monkeypatch.setattr(trainmod.ckpt, "atomic_write", spy)
+    import ocnet.metrics as metrics_mod
+
+    monkeypatch.setattr(metrics_mod, "atomic_write", spy)
+    s = train(_cfg(tmp_path, epochs=2))
+    names = [n for n, _ in writes]
+    assert names.count("metrics.csv") == 3  # the header at the start, then every epoch
+    assert {"config.json", "summary.json", "epoch_0001.pt", "epoch_0002.pt",
+            ".ocnet.owner"} <= set(names)
+    assert not any(".tmp" in p.name for p in tmp_path.rglob("*"))
+    assert not (tmp_path / ".ocnet.owner").exists()
+    assert s["rejected_steps"] == 0
+
+
+@pytest.mark.parametrize("field,value,pattern", [
+    ("seed", 2**32, r"seed must be an int from 0 to 4294967295"),
+    ("weight_decay", float("inf"), r"weight_decay must be a finite number"),
+    ("max_rejected", -1, r"max_rejected must be an int >= 0"),
+    ("lr", "abc", r"lr must be a positive finite number"),
+])
+def test_config_refuses_bad_numbers_with_the_fix(field, value, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        _cfg(**{field: value}).validate()
+
+
+def test_a_run_directory_is_locked_for_the_whole_run(tmp_path):
+    from ocnet.train import RunDirectoryBusy, RunLock
+
+    with RunLock(tmp_path):
+        with pytest.raises(RunDirectoryBusy, match=rf"in use by another ocnet run \(PID "
+                                                   rf"{os.getpid()}"):
+            train(_cfg(tmp_path, epochs=1))
+        with pytest.raises(RunDirectoryBusy):
+            RunLock(tmp_path).acquire()  # not re-entrant, even in one process
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ocnet.lock"]  # nothing written
+    train(_cfg(tmp_path, epochs=1))  # released: the run goes ahead
+
+
+# Property: the contents of a checkpoint with a valid envelope are checked; whatever they
+# hold, resuming from them is a CheckpointError (or works), never another exception.
+_junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**20), st.floats(),
+                  st.text(max_size=5), st.lists(st.integers(), max_size=2))
+
+
+@st.composite
+def _states(draw):
+    problem = to_problem(torch.nn.Sequential(torch.nn.Linear(3, 2)), "cross_entropy")
+    good = {"epoch": 1, "model": problem.module.state_dict(),
+            "solver": {"steps": 3}, "generator": torch.Generator().get_state(),
+            "metrics": [{"epoch": 1, "train_loss": 0.5, "test_loss": 0.6}],
+            "step_seconds": 0.1, "torch_rng": torch.get_rng_state()}
+    tensors = st.builds(lambda shape, v: torch.full(shape, v),
+                        st.lists(st.integers(0, 3), max_size=2).map(tuple),
+                        st.floats(allow_nan=True, allow_infinity=True))
+    choices = {
+        "epoch": st.one_of(_junk, st.just("six")),
+        "model": st.one_of(_junk, st.dictionaries(st.sampled_from(["0.weight", "0.bias", "x"]),
+                                                   st.one_of(tensors, _junk), max_size=3)),
+        "solver": st.one_of(_junk, st.fixed_dictionaries({"steps": _junk}),
+                            st.fixed_dictionaries({"optimizer": _junk})),
+        "generator": st.one_of(_junk, tensors, st.just(torch.zeros(5, dtype=torch.uint8))),
+        "metrics": st.one_of(_junk, st.lists(st.one_of(_junk, st.fixed_dictionaries(
+            {"train_loss": st.one_of(st.floats(), _junk)})), max_size=2)),
+        "step_seconds": _junk,
+        "torch_rng": st.one_of(_junk, tensors),
+    }
+    state = dict(good)
+    for key in draw(st.lists(st.sampled_from(sorted(choices)), min_size=1, max_size=3,
+                             unique=True)):
+        if draw(st.booleans()):
+            state[key] = draw(choices[key])
+        else:
+            state.pop(key)
+    return state
+
+
+@settings(max_examples=80, deadline=None)
+@given(state=_states())
+def test_any_checkpoint_content_is_resumed_or_a_checkpoint_error(state):
+    from ocnet.solvers import make_solver
+
+    problem = to_problem(torch.nn.Sequential(torch.nn.Linear(3, 2)), "cross_entropy")
+    solver = make_solver("adam", problem)
+    rng = torch.get_rng_state()
+    try:
+        trainmod._apply_state(state, ckpt.Path("epoch_0001.pt"), problem.module, solver,
+                              torch.Generator())
+    except CheckpointError as err:
+        assert "epoch_0001.pt" in str(err) and "\n" not in str(err)
+    finally:
+        torch.set_rng_state(rng)

@@ -78,8 +78,8 @@ blocks = re.findall(r"```python\n(.*?)```", open(sys.argv[1]).read(), flags=re.S
 assert blocks, "README.md has no python example"
 # the first block trains; the second inspects the trained problem (it uses its x, y)
 print("\n".join(blocks[:2]))
-print('print(f"README example: loss {float(info.loss):.4f}, '
-      '{len(traj.xs)} states, {len(grads)} stages of gradients, H = {float(H):.4g}")')
+print('print(f"README example: loss {float(info.loss.detach()):.4f}, '
+      '{len(traj.xs)} states, {len(grads)} stages of gradients, H = {float(H.detach()):.4g}")')
 PY
 start=$SECONDS
 OMP_NUM_THREADS=1 "$VPY" readme_example.py

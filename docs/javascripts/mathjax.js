@@ -2,9 +2,11 @@
 // tools/mkdocs_hooks.py): no formula needs a network to render.
 // Markdown pages: pymdownx.arithmatex (generic mode) wraps every formula in an element of
 // class "arithmatex" with \( \) or \[ \] delimiters. Notebook pages (mkdocs-jupyter) keep
-// Jupyter's $ and $$ in their markdown cells (class "jp-RenderedMarkdown"). MathJax ignores
-// every element that has a class (the theme's chrome, code, outputs) unless the class is
-// one of these two; inside them it reads the class-less elements (<p>, <li>, ...).
+// Jupyter's $ and $$ in their markdown cells (class "jp-RenderedMarkdown"). Headings with
+// math reach the navigation and the table of contents as plain \( \) text inside
+// "md-ellipsis" labels. MathJax ignores every element that has a class (the theme's
+// chrome, code, outputs) unless the class is one of these; inside them it reads the
+// class-less elements (<p>, <li>, ...).
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"], ["$", "$"]],
@@ -14,7 +16,7 @@ window.MathJax = {
   },
   options: {
     ignoreHtmlClass: ".+",
-    processHtmlClass: "arithmatex|jp-RenderedMarkdown"
+    processHtmlClass: "arithmatex|jp-RenderedMarkdown|md-ellipsis"
   }
 };
 document$.subscribe(() => {

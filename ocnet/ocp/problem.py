@@ -200,7 +200,7 @@ class Problem:
         stage = self.stages[t]
         if not stage.controls:
             return None
-        aff = stage.affine()
+        aff = self._affine_of(t)
         if aff is None:
             raise CapabilityError(
                 f"{needed_by} needs stage {t} ({stage.describe()}, a {type(stage).__name__}) "
@@ -212,6 +212,13 @@ class Problem:
                 "(sgd, adam, emsa, ddp for small problems)"
             )
         return aff
+
+    def _affine_of(self, t: int) -> Affine | None:
+        """stage t's affine description, asked once (a stage's structure does not change)."""
+        cache = self.__dict__.setdefault("_affine_cache", {})
+        if t not in cache:
+            cache[t] = self.stages[t].affine()
+        return cache[t]
 
     # ------------------------------------------------------------------ checks
     def check_batch_shape(self, x0: Tensor, y: Tensor | None = None) -> None:
@@ -453,7 +460,7 @@ class Problem:
             # leaves sharing the live storage: a solver changes them in place only after
             # the backward sweep that reads them is complete
             u_ = tuple(v.detach().requires_grad_(True) for v in u)
-            aff = self.stages[t].affine() if split and u_ else None
+            aff = self._affine_of(t) if split and u_ else None
             if aff is None:
                 a = z = None
                 out = self.step(t, x_, u_)

@@ -8,6 +8,7 @@ step never waits for the device; read them (``float(info.loss)``) outside the sw
 from __future__ import annotations
 
 import abc
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,29 @@ from torch import Tensor
 
 from ..ocp.errors import ConfigError
 from ..ocp.problem import Problem
+
+
+@dataclass
+class _Saved:
+    """What the finiteness guard keeps before a step: the controls and in-place state
+    (``live``) with their copies (``backup``), and the functional state (a reference)."""
+
+    params: list[Tensor]
+    live: list[Tensor]
+    backup: list[Tensor]
+    functional: dict[str, Any] | None
+    host: dict[str, Any]
+
+
+def _where_tree(ok: Tensor, new: Any, old: Any) -> Any:
+    """torch.where(ok, new, old) over matching dicts / lists of tensors."""
+    if old is None or new is None:  # created by this very step: nothing to go back to
+        return new
+    if isinstance(new, Tensor):
+        return torch.where(ok, new, old)
+    if isinstance(new, dict):
+        return {k: _where_tree(ok, new[k], old[k]) if k in old else new[k] for k in new}
+    return [_where_tree(ok, a, b) for a, b in zip(new, old, strict=True)]
 
 
 @dataclass
@@ -79,8 +103,10 @@ class Solver(abc.ABC):
         ``torch.where`` on the device and nothing is read. With ``check_inputs`` (on by
         default) an empty or misplaced batch raises before anything changes, and a
         rejected step whose batch holds NaN/inf raises :class:`~ocnet.ocp.errors.DataError`
-        naming the bad samples (on an accelerator the batch is checked before the step,
-        which reads it on the host: turn ``check_inputs`` off for benchmarking).
+        naming the bad samples. A step undone on the host is not counted in ``steps`` and
+        the solver's :meth:`host_state` is restored too (on the device path the host
+        cannot know, so ``steps`` counts it). On an accelerator the batch is checked before
+        the step, which reads it on the host: turn ``check_inputs`` off for benchmarking.
         """
         start = time.perf_counter()
         on_device = self.guard == "device" or (
@@ -93,14 +119,20 @@ class Solver(abc.ABC):
         saved = self._save() if self.guard else None
         info = self._step(x0, y)
         if saved is not None:
-            ok = self._finite(info, saved[0])
+            total = self._finite_sum(info, saved.params)
             if on_device:
-                self._restore_where(ok, saved)
-            elif not bool(ok):
-                with torch.no_grad():
-                    torch._foreach_copy_(saved[2], saved[3])
-                if self.check_inputs:
-                    self.problem.check_batch(x0, y)  # raises DataError for a bad batch
+                ok = torch.isfinite(total)
+                self._restore(saved, ok)
+            else:  # a CPU tensor: reading it is no synchronisation
+                ok = math.isfinite(float(total))
+                if not ok:
+                    self._restore(saved, None)
+                    self.set_host_state(saved.host)
+                    self._mark(info, ok)
+                    info.seconds = time.perf_counter() - start
+                    if self.check_inputs:
+                        self.problem.check_batch(x0, y)  # raises DataError for a bad batch
+                    return info  # not counted: the solver is as it was before the step
             self._mark(info, ok)
         info.seconds = time.perf_counter() - start
         self.steps += 1
@@ -108,17 +140,38 @@ class Solver(abc.ABC):
 
     # ------------------------------------------------------------------ the finiteness guard
     def state_tensors(self) -> list[Tensor]:
-        """The device tensors of the solver's own state (what a rejected step restores);
-        by default the state of the ``torch.optim`` optimizer it steps with."""
+        """The device tensors of the solver's own state that a step changes *in place* (a
+        rejected step copies them back); by default the state of the ``torch.optim``
+        optimizer it steps with."""
         if self.optimizer is None:
             return []
         return [v for st in self.optimizer.state.values() for v in st.values()
                 if isinstance(v, Tensor) and v.is_floating_point()]
 
-    def _save(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    def functional_state(self) -> dict[str, Any] | None:
+        """The solver's state when its step *replaces* it rather than changing it in place
+        (the curvature objects' ``update`` returns a new state): a rejected step then
+        reinstates the old one without copying anything. ``None``: no such state."""
+        return None
+
+    def set_functional_state(self, state: dict[str, Any]) -> None:
+        """Reinstate a state returned by :meth:`functional_state` (solvers that have one)."""
+        raise ConfigError(f"{type(self).__name__} has no functional state to set")
+
+    def host_state(self) -> dict[str, Any]:
+        """Plain host values of the solver's state that a step may change (e.g. DDP's
+        regularisation mu): restored with the tensors when a step is undone on the host."""
+        return {}
+
+    def set_host_state(self, state: dict[str, Any]) -> None:
+        """Reinstate the values of :meth:`host_state`."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def _save(self) -> _Saved:
         params = self.problem.parameters()
-        state = self.state_tensors()
-        live = params + state
+        tensors = self.state_tensors()
+        live = params + tensors
         backup = self._backup
         with torch.no_grad():
             try:
@@ -127,31 +180,44 @@ class Solver(abc.ABC):
                 torch._foreach_copy_(backup, live)
             except RuntimeError:  # first step, or the state changed shape/device/dtype
                 backup = self._backup = [v.detach().clone() for v in live]
-        return params, state, live, backup
+        return _Saved(params, live, backup, self.functional_state(), self.host_state())
 
-    @staticmethod
-    def _finite(info: StepInfo, params: list[Tensor]) -> Tensor:
-        """One device flag: loss + grad norm + |u_new| is finite, i.e. each of them is
-        (NaN and inf propagate through the sum; a handful of kernels in all)."""
-        total = info.loss.detach()
-        if info.grad_norm is not None:
-            total = total + info.grad_norm.detach().to(total)
-        if params:
-            total = total + torch.stack(torch._foreach_norm(params)).sum().to(total)
-        return torch.isfinite(total)
-
-    @staticmethod
-    def _restore_where(ok: Tensor, saved: tuple[list[Tensor], ...]) -> None:
-        _, _, live, backup = saved
+    def _restore(self, saved: _Saved, ok: Tensor | None) -> None:
+        """Undo the step: everything back to ``saved`` (``ok=None``, a host decision), or
+        ``torch.where(ok, new, saved)`` elementwise (a device decision, no host read)."""
         with torch.no_grad():
-            torch._foreach_copy_(live, [torch.where(ok, v, b) for v, b in zip(live, backup,
-                                                                                strict=True)])
+            if ok is None:
+                torch._foreach_copy_(saved.live, saved.backup)
+            else:
+                torch._foreach_copy_(saved.live, [torch.where(ok, v, b) for v, b in
+                                                  zip(saved.live, saved.backup, strict=True)])
+        if saved.functional is not None:
+            if ok is None:
+                self.set_functional_state(saved.functional)
+            else:
+                self.set_functional_state(_where_tree(ok, self.functional_state(),
+                                                      saved.functional))
 
     @staticmethod
-    def _mark(info: StepInfo, ok: Tensor) -> None:
+    def _finite_sum(info: StepInfo, params: list[Tensor]) -> Tensor:
+        """loss + grad norm + sum_k |u_k| of the new controls: finite exactly when each of
+        them is (NaN and inf propagate through the sum), in three kernels."""
+        parts = [info.loss.detach()]
+        if info.grad_norm is not None:
+            parts.append(info.grad_norm.detach())
+        with torch.no_grad():
+            if params:
+                parts.extend(torch._foreach_norm(params))
+            if any(p.dtype != parts[0].dtype or p.device != parts[0].device for p in parts):
+                parts = [p.to(parts[0]) for p in parts]
+            return torch.stack(parts).sum()
+
+    @staticmethod
+    def _mark(info: StepInfo, ok: Tensor | bool) -> None:
         accepted = info.accepted
         if isinstance(accepted, Tensor):
-            info.accepted = accepted.to(ok.device) & ok
+            info.accepted = accepted.to(ok.device) & ok if isinstance(ok, Tensor) else \
+                accepted & ok
         elif accepted:
             info.accepted = ok
         if not info.reason:

@@ -36,8 +36,9 @@ State = dict[str, Any]
 
 
 class Curvature(abc.ABC):
-    """A base optimizer: ``state = init(params)``; ``k = update(grads, state)`` (the state
-    changes in place); ``inverse_diagonal(state)`` its lr M^-1 (a float for M = I)."""
+    """A base optimizer: ``state = init(params)``; ``k, state = update(grads, state)`` (a new
+    state; the old one is left as it was, so a rejected step can keep it);
+    ``inverse_diagonal(state)`` its lr M^-1 (a float for M = I)."""
 
     name: str = "curvature"
 
@@ -51,8 +52,9 @@ class Curvature(abc.ABC):
         """The initial state for these parameter tensors."""
 
     @abc.abstractmethod
-    def update(self, grads: Sequence[Tensor], state: State) -> list[Tensor]:
-        """The base update k (add it to the parameters); advances ``state`` in place."""
+    def update(self, grads: Sequence[Tensor], state: State) -> tuple[list[Tensor], State]:
+        """The base update k (add it to the parameters) and the next state (new tensors:
+        ``state`` itself is not changed)."""
 
     def diagonal(self, state: State) -> list[Tensor] | None:
         """The diagonal curvature M at the current state (``None`` when M is the identity)."""
@@ -105,23 +107,20 @@ class SGD(Curvature):
             state["momentum_buffer"] = _zeros(params)
         return state
 
-    def update(self, grads: Sequence[Tensor], state: State) -> list[Tensor]:
+    def update(self, grads: Sequence[Tensor], state: State) -> tuple[list[Tensor], State]:
         grads = list(grads)
+        step = state["step"] + 1
         if not self.momentum:
-            state["step"].add_(1)
-            return torch._foreach_mul(grads, -self.lr)
-        buf = state["momentum_buffer"]
+            return torch._foreach_mul(grads, -self.lr), {"step": step}
+        buf = torch._foreach_mul(state["momentum_buffer"], self.momentum)
         if self.dampening:  # torch starts the buffer at g, not (1 - d) g
             first = (state["step"] == 0).to(grads[0].dtype)
             coef = 1 - self.dampening + self.dampening * first
-            torch._foreach_mul_(buf, self.momentum)
             torch._foreach_add_(buf, torch._foreach_mul(grads, coef))
         else:  # buf starts at 0, so mu * 0 + g = g on the first step
-            torch._foreach_mul_(buf, self.momentum)
             torch._foreach_add_(buf, grads)
-        state["step"].add_(1)
-        step = torch._foreach_add(grads, buf, alpha=self.momentum) if self.nesterov else buf
-        return torch._foreach_mul(step, -self.lr)
+        k = torch._foreach_add(grads, buf, alpha=self.momentum) if self.nesterov else buf
+        return torch._foreach_mul(k, -self.lr), {"step": step, "momentum_buffer": buf}
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
@@ -160,23 +159,22 @@ class RMSprop(Curvature):
         torch._foreach_add_(avg, self.eps)
         return avg
 
-    def update(self, grads: Sequence[Tensor], state: State) -> list[Tensor]:
+    def update(self, grads: Sequence[Tensor], state: State) -> tuple[list[Tensor], State]:
         grads = list(grads)
-        sq = state["square_avg"]
-        torch._foreach_mul_(sq, self.alpha)
+        sq = torch._foreach_mul(state["square_avg"], self.alpha)
         torch._foreach_addcmul_(sq, grads, grads, value=1 - self.alpha)
+        new: State = {"step": state["step"] + 1, "square_avg": sq}
         if self.centered:
-            torch._foreach_lerp_(state["grad_avg"], grads, 1 - self.alpha)
-        avg = self._denominator(state)
-        state["step"].add_(1)
+            new["grad_avg"] = torch._foreach_lerp(state["grad_avg"], grads, 1 - self.alpha)
+        avg = self._denominator(new)
         if self.momentum:
-            buf = state["momentum_buffer"]
-            torch._foreach_mul_(buf, self.momentum)
+            buf = torch._foreach_mul(state["momentum_buffer"], self.momentum)
             torch._foreach_addcdiv_(buf, grads, avg)
-            return torch._foreach_mul(buf, -self.lr)
-        step = torch._foreach_div(grads, avg)
-        torch._foreach_mul_(step, -self.lr)
-        return step
+            new["momentum_buffer"] = buf
+            return torch._foreach_mul(buf, -self.lr), new
+        k = torch._foreach_div(grads, avg)
+        torch._foreach_mul_(k, -self.lr)
+        return k, new
 
     def diagonal(self, state: State) -> list[Tensor]:
         return self._denominator(state)
@@ -216,21 +214,20 @@ class Adam(Curvature):
         torch._foreach_add_(denom, self.eps)
         return denom
 
-    def update(self, grads: Sequence[Tensor], state: State) -> list[Tensor]:
+    def update(self, grads: Sequence[Tensor], state: State) -> tuple[list[Tensor], State]:
         grads = list(grads)
         b1, b2 = self.betas
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        state["step"].add_(1)
-        torch._foreach_lerp_(m, grads, 1 - b1)
-        torch._foreach_mul_(v, b2)
+        m = torch._foreach_lerp(state["exp_avg"], grads, 1 - b1)
+        v = torch._foreach_mul(state["exp_avg_sq"], b2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        new: State = {"step": state["step"] + 1, "exp_avg": m, "exp_avg_sq": v}
         if self.amsgrad:
-            torch._foreach_maximum_(state["max_exp_avg_sq"], v)
-        denom = self._denominator(state, grads[0])
-        step_size = -self.lr / (1 - b1 ** state["step"].to(grads[0].dtype))
-        step = torch._foreach_div(m, denom)
-        torch._foreach_mul_(step, step_size)
-        return step
+            new["max_exp_avg_sq"] = torch._foreach_maximum(state["max_exp_avg_sq"], v)
+        denom = self._denominator(new, grads[0])
+        step_size = -self.lr / (1 - b1 ** new["step"].to(grads[0].dtype))
+        k = torch._foreach_div(m, denom)
+        torch._foreach_mul_(k, step_size)
+        return k, new
 
     def diagonal(self, state: State) -> list[Tensor]:
         return self._denominator(state, state["exp_avg"][0])
@@ -264,12 +261,12 @@ class Kronecker:
 
     def update_factors(self, state: list[dict[str, Tensor]], t: int, A: Tensor, G: Tensor,  # noqa: N803
                        refresh: bool) -> None:
-        st = state[t]
+        st = state[t]  # entries are reassigned, never changed in place (see Solver guard)
         if "A" not in st:
             st["A"], st["G"] = A, G
         else:
-            st["A"].mul_(self.ema).add_(A, alpha=1 - self.ema)
-            st["G"].mul_(self.ema).add_(G, alpha=1 - self.ema)
+            st["A"] = torch.lerp(st["A"], A, 1 - self.ema)
+            st["G"] = torch.lerp(st["G"], G, 1 - self.ema)
         if "Ainv" not in st or refresh:
             a_, g_ = st["A"], st["G"]
             pi = torch.sqrt((torch.trace(a_) / a_.shape[0]) / (torch.trace(g_) / g_.shape[0])

@@ -268,6 +268,9 @@ class DDP(Solver):
         return StepInfo(loss=J, accepted=torch.tensor(accepted),
                         extra={"mu": self.mu, "tries": tries, "loss_after": J_new})
 
+    def host_state(self) -> dict[str, Any]:
+        return {"mu": self.mu}
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "mu": self.mu}
 

@@ -69,7 +69,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, hessian, jacrev, vmap
+from torch.func import grad, jacfwd, jacrev, vmap
 
 from ..ocp.errors import ConfigError, unknown_name
 from ..ocp.problem import Problem, StageRecord
@@ -90,7 +90,16 @@ C_B_MODES = ("joint", "per_sample")
 #: exact mode's terminal Hessian: per-sample d2 phi, or the gradient outer product (ablation)
 TERMINAL_HESSIANS = ("exact", "outer")
 #: exact mode's default eps_v (Tikhonov term on Vhat_xx at x_t; see docs/ddp.md, Exact mode)
-EXACT_VXX_REG = 1e-2
+EXACT_VXX_REG = 0.1
+
+
+def _min_eig(mats: Tensor) -> Tensor:
+    """The smallest eigenvalue of a batch of symmetric matrices (a diagnostic: computed in
+    float64; NaN where LAPACK does not converge)."""
+    try:
+        return torch.linalg.eigvalsh(mats.to(torch.float64)).min().to(mats.dtype)
+    except torch.linalg.LinAlgError:
+        return mats.new_full((), float("nan"))
 
 
 def _rate(flags: list[Tensor], like: Tensor) -> Tensor:
@@ -290,7 +299,8 @@ class DDPNOpt(Solver):
     def _base_step(self, grads: list[Controls], records: list[StageRecord | None]) -> None:
         if self.curvature is not None:
             flat = [g for gs in grads for g in gs]
-            torch._foreach_add_(self.params, self.curvature.update(flat, self.state))
+            k, self.state = self.curvature.update(flat, self.state)
+            torch._foreach_add_(self.params, k)
             return
         for t, stage in enumerate(self.problem.stages):
             if not stage.controls:
@@ -435,13 +445,18 @@ class DDPNOpt(Solver):
         def phi(xi: Tensor, yi: Tensor | None) -> Tensor:
             return self.problem.terminal(xi.unsqueeze(0), None if yi is None else yi.unsqueeze(0))
 
+        def grad2(xi: Tensor, yi: Tensor | None) -> tuple[Tensor, Tensor]:
+            g = grad(phi)(xi, yi)
+            return g, g
+
         dims = (0, None if y is None else 0)
         xT = x_T.detach()  # noqa: N806
         B = xT.shape[0]  # noqa: N806
-        g = vmap(grad(phi), in_dims=dims)(xT, y).reshape(B, -1)
         if self.terminal_hessian == "outer":
+            g = vmap(grad(phi), in_dims=dims)(xT, y).reshape(B, -1)
             return g, g[:, :, None] * g[:, None, :]
-        h = vmap(hessian(phi), in_dims=dims)(xT, y)
+        h, g = vmap(jacfwd(grad2, has_aux=True), in_dims=dims)(xT, y)  # d2 phi, d phi
+        g = g.reshape(B, -1)
         return g, h.reshape(B, g.shape[1], g.shape[1])
 
     def _state_jacobian(self, t: int, x: Tensor) -> Tensor:
@@ -455,17 +470,21 @@ class DDPNOpt(Solver):
         return fx.reshape(x.shape[0], fx.shape[1], -1)
 
     @staticmethod
-    def _post_jacobian(aff: Affine, a: Tensor, z: Tensor) -> Tensor:
-        """Per-sample S^i = dpost(a, z)/dz at (a^i, z^i), (B, n', n_z)."""
-        def single(ai: Tensor, zi: Tensor) -> Tensor:
-            return aff.post(ai.unsqueeze(0), zi.unsqueeze(0)).reshape(-1)
+    def _affine_jacobians(aff: Affine, x: Tensor, u: Controls, z: Tensor
+                          ) -> tuple[Tensor, Tensor]:
+        """Per-sample F^i = dx'/dx (B, n', n) and S^i = dpost(a, z)/dz (B, n', n_z) of
+        x' = post(a, lin(a, u) + e), a = pre(x), at e = 0, in one vmap(jacrev)."""
+        def single(xi: Tensor, ei: Tensor) -> Tensor:
+            a = aff.pre(xi.unsqueeze(0))
+            return aff.post(a, aff.lin(a, u) + ei.unsqueeze(0)).reshape(-1)
 
-        return vmap(jacrev(single, argnums=1))(a, z)
+        fx, s = vmap(jacrev(single, argnums=(0, 1)))(x.detach(), torch.zeros_like(z))
+        return fx.reshape(x.shape[0], fx.shape[1], -1), s
 
-    def _stage_state(self, offset: int, n: int, counters: dict[str, Tensor]) -> dict[str, Any]:
-        """A view of the base optimizer's state for the control tensors offset..offset+n
-        (the same tensors, updated in place), with fresh copies of the shared counters."""
-        return {key: counters[key].clone() if key in counters else val[offset:offset + n]
+    def _stage_state(self, offset: int, n: int) -> dict[str, Any]:
+        """The base optimizer's state restricted to the control tensors offset..offset+n
+        (per-tensor lists sliced; shared counters such as the step count as they are)."""
+        return {key: val if isinstance(val, Tensor) else val[offset:offset + n]
                 for key, val in self.state.items()}
 
     @torch.no_grad()
@@ -485,33 +504,37 @@ class DDPNOpt(Solver):
         l_u (weight decay, coupled costs) is the part of dJ/du_t that does not pass through
         z (the autograd gradient minus weightgrad(a, dJ/dz)); state-dependent running costs
         (l_x, l_xx, l_ux) are not modelled. Returns the stages' records and, per stage, the
-        smallest eigenvalue of Vhat_xx at x_t over the batch.
+        smallest eigenvalue of Vhat_xx at x_t over the batch (NaN at t = 0: V_0 is used by
+        nothing and is only computed when ``debug`` is set).
         """
         problem = self.problem
         B = xs[0].shape[0]  # noqa: N806
         v_x, v_xx = self._terminal_value(xs[-1], y)
         gamma = float(self.gain)
         c_b = (1.0 / B if self.c_b == "joint" else 1.0) * (2 * gamma - gamma * gamma)
-        counters = {} if self.curvature is None else {
-            k: v for k, v in self.state.items() if isinstance(v, Tensor)}
-        stepped: dict[str, Tensor] = {}
+        # the base optimizer's next state, assembled stage by stage (its update is functional)
+        new_state: dict[str, Any] = {}
         offsets, off = [], 0
         for stage in problem.stages:
             offsets.append(off)
             off += len(stage.controls)
         out: list[_Exact | None] = [None] * problem.T
         self.last_backward = [None] * problem.T
-        eigs: list[Tensor] = [xs[0].new_zeros(())] * problem.T
+        eigs: list[Tensor] = [xs[0].new_full((), float("nan"))] * problem.T
         for t in reversed(range(problem.T)):
             stage, aff, x = problem.stages[t], self.affines[t], xs[t]
             n = x[0].numel()
-            F = self._state_jacobian(t, x)  # noqa: N806
-            q_x = torch.einsum("bon,bo->bn", F, v_x)
-            q_xx = F.transpose(1, 2) @ v_xx @ F
+            # V_0 is used by nothing (no stage before it): skipped unless debugging
+            full = t > 0 or self.debug
             reg = self.vxx_reg * torch.eye(n, dtype=x.dtype, device=x.device)
             if aff is None:
+                if not full:
+                    continue
+                F = self._state_jacobian(t, x)  # noqa: N806
+                q_x = torch.einsum("bon,bo->bn", F, v_x)
+                q_xx = F.transpose(1, 2) @ v_xx @ F
                 v_x, v_xx = q_x, q_xx + reg
-                eigs[t] = torch.linalg.eigvalsh(v_xx).min()
+                eigs[t] = _min_eig(v_xx)
                 if self.debug:
                     self.last_backward[t] = {"Q_x": q_x, "Q_xx": q_xx, "V_x": v_x, "V_xx": v_xx}
                 continue
@@ -524,7 +547,9 @@ class DDPNOpt(Solver):
             u = tuple(v.detach() for v in stage.controls)
             a = rec.a
             z = aff.lin(a, u)
-            S = self._post_jacobian(aff, a, z)  # noqa: N806
+            F, S = self._affine_jacobians(aff, x, u, z)  # noqa: N806
+            q_x = torch.einsum("bon,bo->bn", F, v_x)
+            q_xx = F.transpose(1, 2) @ v_xx @ F if full else None
             v_h = torch.einsum("boz,bo->bz", S, v_x)  # = B dJ/dz for vx="backprop"
             H = S.transpose(1, 2) @ v_xx @ F  # noqa: N806
             w_shape = u[0].shape
@@ -539,28 +564,41 @@ class DDPNOpt(Solver):
                 k = tuple(-v for v in self.kronecker.apply(self.state, t, q_u, aff.has_bias))
                 P: Tensor | float | None = None  # noqa: N806
             else:
-                sub = self._stage_state(offsets[t], len(u), counters)
-                k = tuple(self.curvature.update(list(q_u), sub))
-                stepped = {key: sub[key] for key in counters}
+                k_list, sub = self.curvature.update(list(q_u), self._stage_state(offsets[t],
+                                                                                 len(u)))
+                k = tuple(k_list)
+                for key, val in sub.items():
+                    if isinstance(val, Tensor):
+                        new_state[key] = val  # shared counters: the same value every stage
+                    else:
+                        new_state.setdefault(key, {})[offsets[t]] = val
                 inv = self._inverse_curvatures(sub)
                 P = inv if isinstance(inv, float) else self._join(aff, inv)  # noqa: N806
             abar = torch.cat([a, a.new_ones(B, 1)], 1) if aff.has_bias else a
+            out[t] = _Exact(a, abar, H, P, k)
+            if not full:
+                continue
             R = self._r_matrix(t, P, H, abar)  # noqa: N806
             v_x_new = q_x
             if self.vx == "ddp":
                 D = -self._apply_p(t, P, self._join(aff, q_u))  # noqa: N806
                 v_x_new = q_x + torch.einsum("bzn,bz->bn", H, abar @ D.T)
             v_xx_new = q_xx - c_b * R + reg
-            out[t] = _Exact(a, abar, H, P, k)
             if self.debug:
                 self.last_backward[t] = {
                     "Q_u": q_u, "Q_u_sweep": q_u_sweep, "V_h": v_h, "H": H, "Q_x": q_x,
                     "Q_xx": q_xx, "R": R, "V_x": v_x_new, "V_xx": v_xx_new, "k": k, "P": P,
                     "abar": abar}
             v_x, v_xx = v_x_new, v_xx_new
-            eigs[t] = torch.linalg.eigvalsh(v_xx).min()
-        for key, val in stepped.items():  # the shared step counters advance once
-            self.state[key].copy_(val)
+            eigs[t] = _min_eig(v_xx)
+        if self.curvature is not None and new_state:
+            state = dict(self.state)
+            for key, val in new_state.items():
+                if isinstance(val, Tensor):
+                    state[key] = val
+                else:  # per-tensor lists: the stages' slices in order of their offsets
+                    state[key] = [v for off in sorted(val) for v in val[off]]
+            self.state = state
         self._last_exact = out
         return out, torch.stack(eigs)
 
@@ -602,7 +640,8 @@ class DDPNOpt(Solver):
                     gamma = torch.minimum(gamma, cap)
                 gains.append(gamma)
                 if self.debug:
-                    self.last_debug.append({"t": t, "dx": dx, "d": d, "gamma": gamma})
+                    self.last_debug.append({"t": t, "dx": dx, "d": d, "gamma": gamma,
+                                            "k": st.k})
                 for u, di in zip(stage.controls, d, strict=True):
                     u.add_(torch.nan_to_num(di * gamma, 0.0, 0.0, 0.0))
             if stage.controls:
@@ -631,10 +670,15 @@ class DDPNOpt(Solver):
                          clip_rate=x0.new_zeros(()))
         return StepInfo(loss=J, accepted=True, grad_norm=grad_norm(grads), extra=extra)
 
-    def state_tensors(self) -> list[Tensor]:
+    def functional_state(self) -> Any:
+        # the curvature objects return a new state; the Kronecker factors are reassigned
+        # per stage (never changed in place), so a shallow copy of the stage dicts suffices
         if self.curvature is None:
-            return []
-        return [t for v in self.state.values() for t in ([v] if isinstance(v, Tensor) else v)]
+            return {"kfac": [dict(st) for st in self.state]}
+        return self.state
+
+    def set_functional_state(self, state: Any) -> None:
+        self.state = [dict(st) for st in state["kfac"]] if self.curvature is None else state
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ocp.errors import ConfigError, unknown_name
+from ..ocp.errors import CheckpointError, ConfigError, unknown_name
 from ..ocp.problem import Problem
 from .base import Solver, StepInfo, grad_norm, register
 from .curvature import FIRST_ORDER, Curvature, load_state, make_curvature, state_to_dict
@@ -63,18 +63,28 @@ class GradientSolver(Solver):
         loss, grads, _ = self.problem.value_and_gradients(x0, y)
         loss, grads = self.reduce_grads(loss, grads)  # data parallel: mean over ranks
         flat = [g for gs in grads for g in gs]
+        k, self.state = self.curvature.update(flat, self.state)
         with torch.no_grad():
-            torch._foreach_add_(self.params, self.curvature.update(flat, self.state))
+            torch._foreach_add_(self.params, k)
         return StepInfo(loss=loss, accepted=True, grad_norm=grad_norm(grads))
 
-    def state_tensors(self) -> list[Tensor]:
-        return [t for v in self.state.values()
-                for t in ([v] if isinstance(v, Tensor) else v)]
+    def functional_state(self) -> dict[str, Any]:
+        return self.state
+
+    def set_functional_state(self, state: dict[str, Any]) -> None:
+        self.state = state
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "curvature": state_to_dict(self.state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "curvature" not in state and "optimizer" in state:
+            raise CheckpointError(
+                f"{self.name}: this checkpoint holds torch.optim state (written by ocnet 0.1); "
+                "the base optimizers are now ocnet.solvers.curvature objects, so its moment "
+                "estimates cannot be restored exactly. Start a new run (another --out), or "
+                "resume it with the ocnet version that wrote it"
+            )
         super().load_state_dict(state)
         if "curvature" in state:
             load_state(self.state, state["curvature"])

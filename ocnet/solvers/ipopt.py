@@ -18,12 +18,12 @@ and Hessian of J by algorithmic differentiation of the expression graph.
 Supported (transcribed symbolically; anything else raises a ConfigError naming the stage):
 
 - stages: ``ModuleStage`` from ``ocnet.bridge.to_problem`` with an ``nn.Linear`` or an
-  ``ocnet.dynamics.AffineModule`` (``ResidualBlock``) and elementwise layers (Identity, Tanh, ReLU, Sigmoid,
-  Softplus, ELU, GELU, LeakyReLU, SiLU), ``PadFeatures`` and ``nn.Flatten`` on flat
-  states, with their weight decay l_t = wd/2 |u_t|^2; ``ocnet.dynamics`` ``Dense``,
-  ``Residual``, ``ZeroPad``, ``Flatten`` (flat states), ``EulerStage`` of an
-  ``ActivationField`` or ``AntisymmetricField`` (without running cost), and
-  ``LinearQuadratic`` (dynamics and cost);
+  ``ocnet.dynamics.AffineModule`` (``ResidualBlock``) and elementwise layers (Identity,
+  Tanh, ReLU, Sigmoid, Softplus, ELU, GELU, LeakyReLU, SiLU), ``PadFeatures`` and
+  ``nn.Flatten`` on flat states, with their weight decay l_t = wd/2 |u_t|^2;
+  ``ocnet.dynamics`` ``Dense``, ``Residual``, ``ZeroPad``, ``Flatten`` (flat states),
+  ``EulerStage`` of an ``ActivationField`` or ``AntisymmetricField`` (without running
+  cost), and ``LinearQuadratic`` (dynamics and cost);
 - terminal costs: cross-entropy (``nn.CrossEntropyLoss``, ``F.cross_entropy``, class
   indices or class probabilities), mean squared error (``nn.MSELoss``, ``F.mse_loss``), the
   ``quadratic`` loss and :class:`~ocnet.ocp.losses.QuadraticCost`;

@@ -121,7 +121,14 @@ def _check_rho(rho: float) -> float:
 
 # ---------------------------------------------------------------------------- flat layout
 class _Layout:
-    """All controlled stages' controls as one flat vector z, and segment sums per layer."""
+    """All controlled stages' controls as one flat vector z, and per-layer reductions.
+
+    The layers are contiguous segments of z, in stage order. Consecutive layers with the
+    same number of controls form a *run*, a (k, size) view of z, so a per-layer sum, a
+    per-layer broadcast or a batch of per-layer dot products is one tensor operation per
+    run (a residual stack of equal blocks is one run, whatever its depth): no index
+    tensors, no Python work per layer.
+    """
 
     def __init__(self, problem: Problem) -> None:
         self.stages = [t for t, s in enumerate(problem.stages) if s.controls]
@@ -129,15 +136,22 @@ class _Layout:
             raise ConfigError(f"{problem!r} has no controls to optimise")
         self.shapes = [[u.shape for u in problem.stages[t].controls] for t in self.stages]
         sizes = [[u.numel() for u in problem.stages[t].controls] for t in self.stages]
-        ref = problem.stages[self.stages[0]].controls[0]
+        self.sizes = sizes
         self.numel = sum(map(sum, sizes))
         self.L = len(self.stages)
-        self.seg = torch.repeat_interleave(
-            torch.arange(self.L, device=ref.device),
-            torch.tensor([sum(s) for s in sizes], device=ref.device),
-            output_size=self.numel,  # known: no device-to-host read of the repeats
-        )
-        self.sizes = sizes
+        self.tensor_sizes = [n for s in sizes for n in s]
+        self.tensor_shapes = [sh for shs in self.shapes for sh in shs]
+        self.counts = [len(s) for s in sizes]  # control tensors per layer
+        runs: list[tuple[int, int, int]] = []  # (offset, layers, size of each)
+        offset = 0
+        for n in (sum(s) for s in sizes):
+            if runs and runs[-1][2] == n:
+                o, k, _ = runs[-1]
+                runs[-1] = (o, k + 1, n)
+            else:
+                runs.append((offset, 1, n))
+            offset += n
+        self.runs = runs
 
     def flatten(self, controls: Sequence[Controls]) -> Tensor:
         """The flat vector of the controls of the controlled stages (``controls`` per stage)."""
@@ -145,22 +159,94 @@ class _Layout:
 
     def views(self, z: Tensor) -> list[Controls]:
         """Per controlled stage, its controls as views of ``z``."""
+        flat = [v.view(sh) for v, sh in zip(z.split(self.tensor_sizes), self.tensor_shapes,
+                                            strict=True)]
         out, k = [], 0
-        for shapes, sizes in zip(self.shapes, self.sizes, strict=True):
-            us = []
-            for shape, n in zip(shapes, sizes, strict=True):
-                us.append(z[k:k + n].view(shape))
-                k += n
-            out.append(tuple(us))
+        for c in self.counts:
+            out.append(tuple(flat[k:k + c]))
+            k += c
+        return out
+
+    def _run(self, v: Tensor, o: int, k: int, n: int) -> Tensor:
+        """Run (o, k, n) of ``v`` (..., numel) as a view (..., k, n)."""
+        return v[..., o:o + k * n].unflatten(-1, (k, n))
+
+    def run_views(self, v: Tensor) -> list[Tensor]:
+        """The runs of the flat vector ``v`` as views (k, n) (writable: they share ``v``)."""
+        return [self._run(v, *r) for r in self.runs]
+
+    def run_scalars(self, s: Tensor) -> list[Tensor]:
+        """A per-layer quantity (L,) as one (k, 1) view per run (broadcasts over a run)."""
+        out, j = [], 0
+        for _, k, _ in self.runs:
+            out.append(s[j:j + k, None])
+            j += k
         return out
 
     def seg_sum(self, v: Tensor) -> Tensor:
-        """Per-layer sums of the flat vector ``v``: shape (L,)."""
-        return v.new_zeros(self.L).index_add_(0, self.seg, v)
+        """Per-layer sums of the flat vector(s) ``v`` (..., numel): shape (..., L)."""
+        return torch.cat([self._run(v, *r).sum(-1) for r in self.runs], -1)
+
+    def grams(self, M: Tensor, V: Tensor) -> Tensor:  # noqa: N803
+        """Per-layer dot products of the rows of ``M`` (r, numel) with those of ``V`` (q, numel):
+        shape (r, q, L); one batched matrix product per run."""
+        out = []
+        for run in self.runs:
+            m, w = self._run(M, *run), self._run(V, *run)
+            # (k, r, n) @ (k, n, q) -> (k, r, q)
+            out.append(torch.matmul(m.transpose(0, 1), w.permute(1, 2, 0)).permute(1, 2, 0))
+        return torch.cat(out, -1)
+
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """Per-layer dot products of two flat vectors: shape (L,)."""
+        return self.grams(a[None], b[None])[0, 0]
+
+    def combine(self, C: Tensor, M: Tensor, v: Tensor, s: Tensor) -> Tensor:  # noqa: N803
+        """s v + sum_j C[j] M[j] per layer: C (r, L), M (r, numel), v (numel,), s (L,)."""
+        out = torch.empty_like(v)
+        for o_, c, m, w, sc in zip(self.run_views(out), self._coef_runs(C), self.run_views(M),
+                                   self.run_views(v), self.run_scalars(s), strict=True):
+            # (k, 1, r) @ (k, r, n) -> (k, 1, n), then + s v
+            torch.matmul(c.unsqueeze(1), m.transpose(0, 1), out=o_.unsqueeze(1))
+            o_.addcmul_(w, sc)
+        return out
+
+    def _coef_runs(self, C: Tensor) -> list[Tensor]:  # noqa: N803
+        out, j = [], 0
+        for _, k, _ in self.runs:
+            out.append(C[:, j:j + k].T)  # (k, r)
+            j += k
+        return out
+
+    def scale(self, v: Tensor, s: Tensor, add: Tensor | None = None) -> Tensor:
+        """``add + s v`` (``add`` None: ``s v``) with s per layer (L,), as a flat vector."""
+        out = torch.empty_like(v)
+        adds = self.run_views(add) if add is not None else [None] * len(self.runs)
+        for o_, w, sc, a in zip(self.run_views(out), self.run_views(v), self.run_scalars(s),
+                                adds, strict=True):
+            if a is None:
+                torch.mul(w, sc, out=o_)
+            else:
+                torch.addcmul(a, w, sc, out=o_)
+        return out
+
+    def where(self, cond: Tensor, a: Tensor, b: Tensor | float, out: Tensor | None = None
+              ) -> Tensor:
+        """``a`` in the layers where ``cond`` (L,) holds, else ``b`` (flat vectors)."""
+        out = torch.empty_like(a) if out is None else out
+        bs = self.run_views(b) if isinstance(b, Tensor) else [a.new_tensor(b)] * len(self.runs)
+        for o_, c, x, y in zip(self.run_views(out), self.run_scalars(cond), self.run_views(a),
+                               bs, strict=True):
+            torch.where(c, x, y, out=o_)
+        return out
 
     def expand(self, s: Tensor) -> Tensor:
         """A per-layer quantity (L,) broadcast to the flat vector."""
-        return s[self.seg]
+        out, j = [], 0
+        for _, k, n in self.runs:
+            out.append(s[j:j + k, None].expand(k, n).reshape(-1))
+            j += k
+        return torch.cat(out)
 
 
 @dataclass
@@ -275,8 +361,6 @@ class EMSA(Solver):
         )
         with torch.no_grad():
             z0 = lay.flatten(problem.controls).detach().clone()
-            if lay.seg.device != z0.device:  # the problem was placed after the solver was made
-                lay.seg = lay.seg.to(z0.device)
             # At u_t the penalties vanish: Htilde_t = H_t = p_{t+1}.x_{t+1} - l_t, and
             # grad Htilde_t = dH_t/du = -dJ/du_t; so the start costs no evaluation.
             h0 = []
@@ -330,10 +414,18 @@ class EMSA(Solver):
         lay, problem = self.layout, self.problem
         self.evaluations += 1
         rho, B = fr.rho, fr.batch  # noqa: N806
+        z = z.detach()
         with torch.enable_grad():
-            z = z.detach().requires_grad_(need_grad)
-            hs, sq_x = [], []
-            for k, (t, u) in enumerate(zip(lay.stages, lay.views(z), strict=True)):
+            # Each control tensor its own leaf (a view of z): the gradient is one cat of the
+            # leaves' gradients. (Views of one leaf z would make autograd add a zero-padded
+            # copy of z per control tensor: O(layers x controls) per evaluation.)
+            leaves = [v.view(sh).requires_grad_(need_grad)
+                      for v, sh in zip(z.split(lay.tensor_sizes), lay.tensor_shapes,
+                                       strict=True)]
+            hs, sq_x, j = [], [], 0
+            for k, t in enumerate(lay.stages):
+                u = tuple(leaves[j:j + lay.counts[k]])
+                j += lay.counts[k]
                 x = fr.x_in[k]
                 out = problem.step(t, x, u)
                 h = (fr.p_out[k] * out).sum()
@@ -356,14 +448,16 @@ class EMSA(Solver):
                 wx, wp = self._weights(rho, B)
                 H = H - wx * torch.stack(sq_x) - wp * torch.stack(sq_p)  # noqa: N806
             phi = -H
-            if self.weight_decay:
-                phi = phi + 0.5 * self.weight_decay * lay.seg_sum(z * z)
             grad = None
             if need_grad:
-                (grad,) = torch.autograd.grad(phi.sum(), z, allow_unused=True)
-                if grad is None:
-                    grad = torch.zeros_like(z)
+                gs = torch.autograd.grad(phi.sum(), leaves, allow_unused=True)
+                grad = torch.cat([v.new_zeros(v.numel()) if g is None else g.reshape(-1)
+                                  for v, g in zip(leaves, gs, strict=True)])
         phi = phi.detach()
+        if self.weight_decay:  # the solver's own l = wd/2 |u|^2, in closed form
+            phi = phi + 0.5 * self.weight_decay * lay.dot(z, z)
+            if grad is not None:
+                grad = grad + self.weight_decay * z
         if self.comm is not None:  # data parallel: phi and its gradient are batch means
             if grad is None:
                 (phi,) = self.reduce_mean([phi])
@@ -374,14 +468,35 @@ class EMSA(Solver):
     # ------------------------------------------------------------------ inner solvers
     def _lbfgs(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen, history: int | None
                ) -> tuple[Tensor, Tensor]:
-        """Batched L-BFGS (``history=0``: gradient ascent), per-layer Armijo accept/reject."""
+        """Batched L-BFGS (``history=0``: gradient ascent), per-layer Armijo accept/reject.
+
+        The direction is the two-loop recursion's -H g in its compact form (Byrd, Nocedal,
+        Schnabel 1994), per layer: with the pairs oldest to newest, a = S'g, b = Y'g,
+        R = triu(S'Y) (R_ii = 1 for an empty slot, whose s = y = 0), D = diag(S'Y),
+
+            H g = gamma g + S v_s + Y v_y,   w = R^-1 a,   v_y = -gamma w,
+            v_s = R^-T ((D + gamma Y'Y) w - gamma b),
+
+        the same linear map as the two loops with H_0 = gamma I (and g.d = -(v_s.a + v_y.b)
+        - gamma g.g). S'Y, Y'Y and (S'g, Y'g) are kept per layer and updated from one
+        batched product of the memory with (s_new, y_new, g_new), so an iteration reads the
+        memory twice (that product and the combination), whatever the memory size and the
+        number of layers; everything else is a few passes over the flat vector and small
+        (layers, m, m) algebra.
+        """
         lay = self.layout
         m = self.history if history is None else history
         n, L = z.numel(), lay.L  # noqa: N806
-        S = z.new_zeros(m, n)  # noqa: N806
-        Y = z.new_zeros(m, n)  # noqa: N806
-        R = z.new_zeros(m, L)  # noqa: N806 - 1/(s.y) per layer; 0 marks an empty slot
         if m:  # the first L-BFGS step: torch's scaling lr * min(1, 1/|g|_1)
+            M = z.new_zeros(m, 2, n)  # noqa: N806 - slot j: (s_j, y_j)
+            SY = z.new_zeros(L, m, m)  # noqa: N806 - s_i . y_j per layer (slot coordinates)
+            YY = z.new_zeros(L, m, m)  # noqa: N806 - y_i . y_j per layer
+            AB = z.new_zeros(m, 2, L)  # noqa: N806 - (s_j . g, y_j . g) per layer
+            empty = z.new_ones(L, m)  # 1: slot j holds no pair for that layer
+            # age order of the slots once the memory is full: row h lists h, h+1, ... (mod m)
+            order = (torch.arange(m, device=z.device)[:, None]
+                     + torch.arange(m, device=z.device)) % m
+            W = z.new_empty(3, n)  # noqa: N806 - (s_new, y_new, g_new)
             gamma = self.lr * torch.clamp(1.0 / lay.seg_sum(g.abs()), max=1.0)
             gamma = torch.nan_to_num(gamma, nan=self.lr, posinf=self.lr)
         else:
@@ -389,36 +504,62 @@ class EMSA(Solver):
         tau = torch.ones(L, dtype=z.dtype, device=z.device)
         head, count = 0, 0
         for _ in range(self.inner_iters):
-            q = g.clone()
-            slots = [(head - 1 - j) % m for j in range(min(count, m))] if m else []
-            alphas = []
-            for j in slots:  # newest to oldest
-                a = R[j] * lay.seg_sum(S[j] * q)
-                q -= lay.expand(a) * Y[j]
-                alphas.append(a)
-            r = lay.expand(gamma) * q
-            for j, a in zip(reversed(slots), reversed(alphas), strict=True):
-                b = R[j] * lay.seg_sum(Y[j] * r)
-                r += S[j] * lay.expand(a - b)
-            d = -r
-            gd = lay.seg_sum(g * d)
-            descent = gd < 0
-            d = torch.where(lay.expand(descent), d, -lay.expand(gamma) * g)
-            gd = torch.where(descent, gd, -gamma * lay.seg_sum(g * g))
-            zc = z + lay.expand(tau) * d
+            c = min(count, m)
+            gg = lay.dot(g, g)
+            if c:
+                # slots 0..c-1 are in use; oldest first is slot `head` once the memory is full
+                shift = head if c == m else 0
+                ab, sy, yy, e = AB[:c], SY[:, :c, :c], YY[:, :c, :c], empty[:, :c]
+                if shift:
+                    idx = order[shift]
+                    ab, e = ab.index_select(0, idx), e.index_select(1, idx)
+                    sy = sy.index_select(1, idx).index_select(2, idx)
+                    yy = yy.index_select(1, idx).index_select(2, idx)
+                a = ab[:, 0].T.unsqueeze(-1)  # (L, c, 1), oldest first
+                b = ab[:, 1].T.unsqueeze(-1)
+                R = sy.triu() + torch.diag_embed(e)  # noqa: N806
+                gm = gamma[:, None, None]
+                w = torch.linalg.solve_triangular(R, a, upper=True)
+                rhs = sy.diagonal(0, 1, 2).unsqueeze(-1) * w + gm * (yy @ w - b)
+                vs = torch.linalg.solve_triangular(R.mT, rhs, upper=False)
+                vy = -gm * w
+                gd = -((vs * a).sum((1, 2)) + (vy * b).sum((1, 2))) - gamma * gg  # g . d
+                descent = gd < 0
+                gd = torch.where(descent, gd, -gamma * gg)
+                coef = torch.stack([vs.squeeze(-1), vy.squeeze(-1)], 1)  # (L, 2, c)
+                coef = coef * descent[:, None, None]  # no descent: d = -gamma g
+                if shift:  # back to slot order
+                    coef = coef.index_select(2, order[(m - shift) % m])
+                coef = coef.permute(2, 1, 0).reshape(2 * c, L)
+                d = lay.combine(-coef, M[:c].reshape(2 * c, n), g, -gamma)
+            else:
+                gd = -gamma * gg
+                d = lay.scale(g, -gamma)
+            zc = lay.scale(d, tau, add=z)
             phic, gc = self.evaluate(zc, fr)
             ok = torch.isfinite(phic) & (phic <= phi + self.c1 * tau * gd)
-            okx = lay.expand(ok)
             if m:
-                s = torch.where(okx, zc - z, 0.0)
-                yv = torch.where(okx, gc - g, 0.0)
-                sy, yy, ss = lay.seg_sum(s * yv), lay.seg_sum(yv * yv), lay.seg_sum(s * s)
-                good = ok & (sy > 1e-10 * torch.sqrt(ss * yy))
-                goodx = lay.expand(good)
-                S[head] = torch.where(goodx, s, 0.0)
-                Y[head] = torch.where(goodx, yv, 0.0)
-                R[head] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
-                gamma = torch.where(good, sy / torch.where(good, yy, 1.0), gamma)
+                W[0] = lay.scale(d, torch.where(ok, tau, 0.0))         # s = zc - z
+                lay.where(ok, gc - g, 0.0, out=W[1])                    # y
+                W[2] = gc
+                q2 = lay.grams(W[:2], W[:2])  # (2, 2, L): ss, sy, yy
+                ss, sy_, yy_ = q2[0, 0], q2[0, 1], q2[1, 1]
+                good = ok & (sy_ > 1e-10 * torch.sqrt(ss * yy_))
+                lay.where(good, W[:2], 0.0, out=M[head])
+                W[:2] = M[head]
+                empty[:, head] = (~good).to(empty.dtype)
+                c1 = min(count + 1, m)
+                # the memory in use times (s_new, y_new, g_new), per layer: (c1, 2, 3, L)
+                P = lay.grams(M[:c1].reshape(2 * c1, n), W).view(c1, 2, 3, L)  # noqa: N806
+                SY[:, head, :c1] = P[:, 1, 0].T   # s_new . y_j
+                SY[:, :c1, head] = P[:, 0, 1].T   # s_j . y_new
+                YY[:, head, :c1] = P[:, 1, 1].T
+                YY[:, :c1, head] = P[:, 1, 1].T
+                # (s_j . g, y_j . g) at the next iterate: g_new where accepted; the new slot
+                # is empty where rejected, so its products are P's in every layer
+                AB[:c1] = torch.where(ok, P[:, :, 2], AB[:c1])
+                AB[head] = P[head, :, 2]
+                gamma = torch.where(good, sy_ / torch.where(good, yy_, 1.0), gamma)
                 head, count = (head + 1) % m, count + 1
             # accepted: back to the full step (L-BFGS) or twice the last one (gd). Rejected:
             # the minimiser of the quadratic through phi(0), phi'(0) = gd and phi(tau),
@@ -433,8 +574,8 @@ class EMSA(Solver):
             shrink = torch.where(fit, torch.minimum(torch.maximum(t_q, 0.1 * tau), 0.5 * tau),
                                  0.5 * tau)
             tau = torch.where(ok, grow, shrink)
-            z = torch.where(okx, zc, z)
-            g = torch.where(okx, gc, g)
+            z = lay.where(ok, zc, z)
+            g = lay.where(ok, gc, g)
             phi = torch.where(ok, phic, phi)
         return z, phi
 
@@ -480,6 +621,9 @@ class EMSA(Solver):
         return torch.where(lay.expand(ok), z, z0), torch.where(ok, phi, phi0)
 
     # ------------------------------------------------------------------ checkpoints
+    def host_state(self) -> dict[str, Any]:
+        return {"evaluations": self.evaluations}
+
     def state_dict(self) -> dict[str, Any]:
         # Each outer step starts its inner solver afresh, so the step count is all the state.
         return {**super().state_dict(), "evaluations": self.evaluations}

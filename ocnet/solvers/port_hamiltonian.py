@@ -62,6 +62,14 @@ class BrakingSchedule(abc.ABC):
     def observe(self, loss: Tensor) -> tuple[Tensor, Tensor]:
         """Update with this step's loss; the friction and step factor to use now."""
 
+    def functional_state(self) -> dict[str, Tensor] | None:
+        """The schedule's tensors when each step *replaces* them (a rejected step of the
+        solver reinstates them; see ``Solver.functional_state``), or None."""
+        return None
+
+    def set_functional_state(self, state: dict[str, Tensor] | None) -> None:  # noqa: B027
+        """Reinstate :meth:`functional_state` (a schedule without tensors has nothing)."""
+
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """The schedule's state, for checkpoints."""
@@ -177,6 +185,13 @@ class GoalBraking(BrakingSchedule):
         s["step"] = s["step"] + 1
         return s["frictions"][phase], s["step_factors"][phase]
 
+    def functional_state(self) -> dict[str, Tensor] | None:
+        # observe() assigns new tensors to the keys: a shallow copy is a snapshot
+        return None if self._state is None else dict(self._state)
+
+    def set_functional_state(self, state: dict[str, Tensor] | None) -> None:
+        self._state = None if state is None else dict(state)
+
     @property
     def phase(self) -> Tensor | None:
         """The number of events fired so far (a tensor), or None before the first step."""
@@ -289,6 +304,11 @@ class PortHamiltonian(torch.optim.Optimizer):
                     e = e + p.pow(2).sum() / (2 * g["mass"])
                 total = e if total is None else total + e
         return total if total is not None else torch.zeros(())
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; keep the
+        # integrator, the schedule and the diagnostics too (deepcopy, checkpoints)
+        return dict(self.__dict__)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -453,6 +473,14 @@ class PortHamiltonianSolver(Solver):
     @property
     def schedule(self) -> BrakingSchedule | None:
         return self.optimizer.schedule
+
+    def functional_state(self) -> dict[str, Any] | None:
+        if self.schedule is None:
+            return None
+        return {"schedule": self.schedule.functional_state()}
+
+    def set_functional_state(self, state: dict[str, Any]) -> None:
+        self.schedule.set_functional_state(state["schedule"])
 
     def _step(self, x0: Tensor, y: Tensor | None) -> StepInfo:
         first: dict[str, Tensor] = {}

@@ -255,7 +255,8 @@ def make_solver(name: str, problem: Problem, **options: Any) -> Solver:
     if unknown and not open_ended:
         raise ConfigError(
             f"solver {name!r} does not take these options: {', '.join(unknown)}; its valid "
-            f"options are: {', '.join(sorted(valid + list(BASE_OPTIONS)))}"
+            f"options are: {', '.join(valid)} (and {', '.join(BASE_OPTIONS)}, which every "
+            "solver takes)"
         )
     if "check_inputs" in base and not isinstance(base["check_inputs"], bool):
         raise ConfigError(f"check_inputs must be True or False, got {base['check_inputs']!r}")

@@ -1,0 +1,105 @@
+"""``ocnet reproduce``: the smoke test of the reproduction harness (two cheap entries at the
+quick level), the table's columns and verdicts, atomic outputs, and name errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from ocnet.ocp.errors import ConfigError
+from ocnet.reproduce import (
+    COLUMNS,
+    ENTRIES,
+    VERDICTS,
+    entry_names,
+    markdown_table,
+    reproduce_command,
+    run,
+)
+
+CHEAP = ["goal-braking", "seed003-protocol"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    t0 = time.perf_counter()
+    rows = run(quick=True, only=CHEAP, out=out)
+    return rows, out, time.perf_counter() - t0
+
+
+def test_quick_run_is_fast(quick_run):
+    _, _, seconds = quick_run
+    assert seconds < 30, f"the two cheap quick entries took {seconds:.1f} s (budget 30 s)"
+
+
+def test_every_row_has_the_columns_and_a_verdict_with_a_reason(quick_run):
+    rows, _, _ = quick_run
+    assert [r["name"] for r in rows] == CHEAP
+    for r in rows:
+        for col in COLUMNS:
+            assert col in r, f"row {r['name']} lacks column {col!r}"
+            assert str(r[col]).strip(), f"row {r['name']}: column {col!r} is empty"
+        assert r["reproduced"] in VERDICTS, f"row {r['name']}: verdict {r['reproduced']!r}"
+        assert r["why"].strip(), f"row {r['name']}: empty why"
+        assert r["level"] == "quick"
+
+
+def test_a_cut_protocol_is_never_a_yes(quick_run):
+    """The quick level cuts every protocol: a row says partly (what was cut) or no."""
+    rows, _, _ = quick_run
+    for r in rows:
+        assert r["reproduced"] in ("partly", "no"), r
+        assert "cut:" in r["why"], f"row {r['name']} does not say what was cut: {r['why']}"
+
+
+def test_outputs_are_written(quick_run):
+    rows, out, _ = quick_run
+    data = json.loads((out / "reproduce.json").read_text())
+    assert [r["name"] for r in data["rows"]] == CHEAP
+    assert data["meta"]["level"] == "quick"
+    md = (out / "reproduce.md").read_text()
+    assert "| entry | claim |" in md
+    for r in rows:
+        assert f"| {r['name']} |" in md
+        assert (out / f"reproduce_{r['name']}.png").stat().st_size > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+def test_markdown_table_has_one_line_per_row(quick_run):
+    rows, _, _ = quick_run
+    table = markdown_table(rows).splitlines()
+    assert len(table) == 2 + len(rows)
+    assert all(line.count("|") == len(COLUMNS) + 2 for line in table)
+
+
+def test_entries_cover_the_seed_claims():
+    names = set(entry_names())
+    assert {"emsa-toy", "emsa-classification", "ddpnopt-lr-sweep", "ddpnopt-vanishing",
+            "novas-regression", "novas-global", "dwr-placement", "goal-braking",
+            "seed003-protocol"} <= names
+    assert all(e.claim and e.source and e.full_command for e in ENTRIES.values())
+
+
+def test_unknown_entry_lists_the_valid_names(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run(quick=True, only=["emsa-toi"], out=tmp_path)
+    msg = str(err.value)
+    assert "emsa-toi" in msg
+    for name in entry_names():
+        assert name in msg
+
+
+def test_quick_and_paper_exclude_each_other(tmp_path):
+    with pytest.raises(ConfigError, match="quick and paper"):
+        run(quick=True, only=CHEAP[:1], out=tmp_path, paper=True)
+
+
+def test_command_rejects_an_unknown_name_with_the_valid_ones(tmp_path):
+    res = CliRunner().invoke(reproduce_command, ["--quick", "--only", "nope", "--out",
+                                                 str(tmp_path)])
+    assert res.exit_code == 2
+    assert "nope" in res.output and "novas-global" in res.output
