@@ -22,7 +22,7 @@ demo: setup
 	$(PY) -m ocnet demo --out runs/demo
 
 lint: setup
-	$(VENV)/bin/ruff check ocnet tests examples benchmarks
+	$(VENV)/bin/ruff check ocnet tests examples benchmarks notebooks tools
 	$(VENV)/bin/lint-imports
 
 test: setup lint

@@ -321,6 +321,10 @@ class RunLock:
 
     def _busy_message(self) -> str:
         owner = self._owner()
+        deadline = time.monotonic() + 2.0
+        while owner is None and time.monotonic() < deadline:  # the holder is writing it
+            time.sleep(0.05)
+            owner = self._owner()
         if owner is None:
             who = "another process (its PID is not recorded yet)"
         else:
@@ -381,8 +385,8 @@ def _candidates(resume: Path) -> list[Path]:
     run = resume.parent if resume.name == ckpt.CHECKPOINT_DIR else resume
     if any((run / name).exists() for name in ("config.json", "metrics.csv", OWNER_FILE)):
         raise CheckpointError(
-            f"{run} is the directory of a run that wrote no checkpoint yet (it stopped "
-            "before the end of its first epoch), so there is nothing to resume: run the same "
+            f"{run} is the directory of a run that has no checkpoint (it stopped before a "
+            "first good epoch was checkpointed), so there is nothing to resume: run the same "
             f"command without --resume (with --out {run}) to start it again"
         )
     raise CheckpointError(
@@ -665,7 +669,14 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> dict[str, Any]:
         DataError: unknown data set or non-finite data (before any training).
         ConfigError: unknown model/solver/dtype, bad numbers, solver options.
         CheckpointError: nothing to resume from, or a mismatching configuration.
-        TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
+        TrainingDiverged: the loss became NaN/inf, an epoch evaluated to a non-finite loss,
+            or ``max_rejected`` consecutive steps were rejected (the last good checkpoint is
+            kept and named).
+        RunDirectoryBusy: another process holds ``config.out`` (its PID is named).
+
+    Every check that can be made before training (the options, ``--out``, the data sizes,
+    the model, the solver and its options, the checkpoint to resume from) is made before
+    the output directory is created or written.
     """
     config.validate()
     if config.threads is None:

@@ -308,7 +308,7 @@ def test_resume_before_the_first_checkpoint_says_so(finished_run, tmp_path):
     out = _copy(finished_run, tmp_path)
     shutil.rmtree(out / "checkpoints")
     line = _error_only(_run(["train", "--resume", str(out), "--no-progress"]), 1)
-    assert "a run that wrote no checkpoint yet" in line and "without --resume" in line
+    assert "a run that has no checkpoint" in line and "without --resume" in line
     r = _run(["train", "--out", str(out), "--epochs", "1", "--no-progress"])  # which works
     assert r.exit_code == 0, r.output
 

@@ -19,6 +19,9 @@ from torch import Tensor
 from ..ocp.errors import ConfigError
 from ..ocp.problem import Problem
 
+GATE_REASON = ("the loss or the gradient was not finite: the update was not applied "
+               "(controls and solver state unchanged)")
+
 
 @dataclass
 class _Saved:
@@ -32,15 +35,15 @@ class _Saved:
     host: dict[str, Any]
 
 
-def _where_tree(ok: Tensor, new: Any, old: Any) -> Any:
+def where_tree(ok: Tensor, new: Any, old: Any) -> Any:
     """torch.where(ok, new, old) over matching dicts / lists of tensors."""
     if old is None or new is None:  # created by this very step: nothing to go back to
         return new
     if isinstance(new, Tensor):
         return torch.where(ok, new, old)
     if isinstance(new, dict):
-        return {k: _where_tree(ok, new[k], old[k]) if k in old else new[k] for k in new}
-    return [_where_tree(ok, a, b) for a, b in zip(new, old, strict=True)]
+        return {k: where_tree(ok, new[k], old[k]) if k in old else new[k] for k in new}
+    return [where_tree(ok, a, b) for a, b in zip(new, old, strict=True)]
 
 
 @dataclass
@@ -77,9 +80,16 @@ class Solver(abc.ABC):
     #: undo steps whose loss, gradient or update is not finite: True (on the host for a CPU
     #: problem, on the device elsewhere), "device", "host" or False
     guard: bool | str = True
+    #: the solver gates its own update with :meth:`finite_gate` before changing anything
+    #: (its update is finite whenever the loss and the gradient are), so :meth:`step` keeps
+    #: no copies; every other solver is undone after the fact
+    gates_itself: bool = False
+    #: ... also on the device path (it applies the device flag with torch.where itself)
+    gates_on_device: bool = False
 
     def __init__(self, problem: Problem) -> None:
         self._backup: list[Tensor] | None = None
+        self._gate_path: str | None = None
         if not isinstance(problem, Problem):
             raise ConfigError(
                 f"{type(self).__name__} needs an ocnet Problem, got {type(problem).__name__}; "
@@ -116,8 +126,16 @@ class Solver(abc.ABC):
                 self.problem.check_batch(x0, y)
             else:
                 self.problem.check_batch_shape(x0, y)
-        saved = self._save() if self.guard else None
+        gating = bool(self.guard) and self.gates_itself and (
+            not on_device or self.gates_on_device)
+        self._gate_path = None if not gating else "device" if on_device else "host"
+        saved = self._save() if self.guard and not gating else None
         info = self._step(x0, y)
+        if gating and info.accepted is False:
+            info.seconds = time.perf_counter() - start
+            if self.check_inputs:
+                self.problem.check_batch(x0, y)  # raises DataError for a bad batch
+            return info  # gated: nothing changed, not counted
         if saved is not None:
             total = self._finite_sum(info, saved.params)
             if on_device:
@@ -158,6 +176,20 @@ class Solver(abc.ABC):
         """Reinstate a state returned by :meth:`functional_state` (solvers that have one)."""
         raise ConfigError(f"{type(self).__name__} has no functional state to set")
 
+    def finite_gate(self, loss: Tensor, grad_norm: Tensor | None) -> bool | Tensor:
+        """For a solver that :attr:`gates_itself`: may the update be applied?
+
+        ``True`` (guard off, not gating this step, or finite on the host path), ``False``
+        (not finite: change nothing and return ``StepInfo(accepted=False,
+        reason=GATE_REASON)``), or a device flag (apply ``torch.where(flag, new, old)`` to
+        the controls and the state)."""
+        if self._gate_path is None:
+            return True
+        total = loss.detach() if grad_norm is None else loss.detach() + grad_norm.detach()
+        if self._gate_path == "device":
+            return torch.isfinite(total)
+        return math.isfinite(float(total))
+
     def host_state(self) -> dict[str, Any]:
         """Plain host values of the solver's state that a step may change (e.g. DDP's
         regularisation mu): restored with the tensors when a step is undone on the host."""
@@ -195,7 +227,7 @@ class Solver(abc.ABC):
             if ok is None:
                 self.set_functional_state(saved.functional)
             else:
-                self.set_functional_state(_where_tree(ok, self.functional_state(),
+                self.set_functional_state(where_tree(ok, self.functional_state(),
                                                       saved.functional))
 
     @staticmethod
@@ -278,5 +310,6 @@ from .registry import (  # noqa: E402
     solver_summaries,
 )
 
-__all__ = ["Solver", "SolverFactory", "SolverRecord", "StepInfo", "grad_norm", "make_solver",
-           "register", "solver_entry", "solver_names", "solver_summaries"]
+__all__ = ["GATE_REASON", "Solver", "SolverFactory", "SolverRecord", "StepInfo", "grad_norm",
+           "make_solver", "register", "solver_entry", "solver_names", "solver_summaries",
+           "where_tree"]

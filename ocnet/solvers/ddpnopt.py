@@ -75,7 +75,7 @@ from ..ocp.errors import ConfigError, unknown_name
 from ..ocp.problem import Problem, StageRecord
 from ..ocp.stage import Controls
 from ..ocp.structure import Affine
-from .base import Solver, StepInfo, grad_norm, register
+from .base import GATE_REASON, Solver, StepInfo, grad_norm, register
 from .curvature import SGD, Adam, Kronecker, RMSprop, load_state, make_curvature, state_to_dict
 
 BASES = ("sgd", "momentum", "rmsprop", "adam", "kfac")
@@ -389,6 +389,9 @@ class DDPNOpt(Solver):
             return self._exact_step(x0, y)
         J, grads, traj = self.problem.value_and_gradients(x0, y, intermediates=True)  # noqa: N806
         J, grads = self.reduce_grads(J, grads)  # noqa: N806 - data parallel: mean over ranks
+        norm = grad_norm(grads)
+        if self.finite_gate(J, norm) is False:  # nothing changed yet: the base step is skipped
+            return StepInfo(loss=J, accepted=False, grad_norm=norm, reason=GATE_REASON)
         keep = self.feedback and (self.vxx_reg > 0 or self.trust > 0)
         old = [_Old(tuple(v.detach().clone() for v in s.controls)) if keep and s.controls
                else None for s in self.problem.stages]
@@ -397,7 +400,14 @@ class DDPNOpt(Solver):
         if self.feedback:
             after, gains, rate, clip = self._feedback_pass(x0, y, traj.xs, traj.records, old)
             extra = {"loss_after": after, "gains": gains, "cap_rate": rate, "clip_rate": clip}
-        return StepInfo(loss=J, accepted=True, grad_norm=grad_norm(grads), extra=extra)
+        return StepInfo(loss=J, accepted=True, grad_norm=norm, extra=extra)
+
+    @property
+    def gates_itself(self) -> bool:  # type: ignore[override]
+        """The fast model on a first-order base: the base step is a finite function of a
+        finite gradient and the feedback drops non-finite entries, so the finiteness guard
+        looks at the loss and the gradient before anything changes (host path only)."""
+        return self.curvature is not None and not self.exact
 
     # -------------------------------------------------------------- exact mode
     # Notation (docs/ddp.md, "Exact mode"): stage t, a = pre(x), z = a W^T + b,

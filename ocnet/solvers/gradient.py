@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..ocp.errors import CheckpointError, ConfigError, unknown_name
 from ..ocp.problem import Problem
-from .base import Solver, StepInfo, grad_norm, register
+from .base import GATE_REASON, Solver, StepInfo, grad_norm, register, where_tree
 from .curvature import FIRST_ORDER, Curvature, load_state, make_curvature, state_to_dict
 
 #: the base optimizers by name (their torch.optim twins)
@@ -59,14 +59,31 @@ class GradientSolver(Solver):
         self.curvature: Curvature = make_curvature(optimizer, self.lr, **options)
         self.state = self.curvature.init(self.params)
 
+    #: the base update is a finite function of a finite gradient and a finite state, so
+    #: the finiteness guard only needs to look at the loss and the gradient before it
+    gates_itself = True
+    gates_on_device = True
+
     def _step(self, x0: Tensor, y: Tensor | None) -> StepInfo:
         loss, grads, _ = self.problem.value_and_gradients(x0, y)
         loss, grads = self.reduce_grads(loss, grads)  # data parallel: mean over ranks
+        norm = grad_norm(grads)
+        ok = self.finite_gate(loss, norm)
+        if ok is False:
+            return StepInfo(loss=loss, accepted=False, grad_norm=norm, reason=GATE_REASON)
         flat = [g for gs in grads for g in gs]
-        k, self.state = self.curvature.update(flat, self.state)
+        k, state = self.curvature.update(flat, self.state)
+        if isinstance(ok, Tensor):  # decided on the device: a zero step, the old state
+            k = [torch.where(ok, v, 0.0) for v in k]
+            state = where_tree(ok, state, self.state)
+            ok_accepted: bool | Tensor = ok
+        else:
+            ok_accepted = True
+        self.state = state
         with torch.no_grad():
             torch._foreach_add_(self.params, k)
-        return StepInfo(loss=loss, accepted=True, grad_norm=grad_norm(grads))
+        return StepInfo(loss=loss, accepted=ok_accepted, grad_norm=norm,
+                        reason=GATE_REASON if isinstance(ok, Tensor) else "")
 
     def functional_state(self) -> dict[str, Any]:
         return self.state

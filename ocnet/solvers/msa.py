@@ -169,7 +169,7 @@ class _Layout:
 
     def _run(self, v: Tensor, o: int, k: int, n: int) -> Tensor:
         """Run (o, k, n) of ``v`` (..., numel) as a view (..., k, n)."""
-        return v[..., o:o + k * n].unflatten(-1, (k, n))
+        return v.narrow(-1, o, k * n).view(v.shape[:-1] + (k, n))
 
     def run_views(self, v: Tensor) -> list[Tensor]:
         """The runs of the flat vector ``v`` as views (k, n) (writable: they share ``v``)."""
@@ -199,7 +199,7 @@ class _Layout:
 
     def dot(self, a: Tensor, b: Tensor) -> Tensor:
         """Per-layer dot products of two flat vectors: shape (L,)."""
-        return self.grams(a[None], b[None])[0, 0]
+        return self.seg_sum(a * b)
 
     def combine(self, C: Tensor, M: Tensor, v: Tensor, s: Tensor) -> Tensor:  # noqa: N803
         """s v + sum_j C[j] M[j] per layer: C (r, L), M (r, numel), v (numel,), s (L,)."""
@@ -234,7 +234,9 @@ class _Layout:
               ) -> Tensor:
         """``a`` in the layers where ``cond`` (L,) holds, else ``b`` (flat vectors)."""
         out = torch.empty_like(a) if out is None else out
-        bs = self.run_views(b) if isinstance(b, Tensor) else [a.new_tensor(b)] * len(self.runs)
+        if not isinstance(b, Tensor):
+            b = a.new_tensor(b)
+        bs = self.run_views(b) if b.dim() else [b] * len(self.runs)
         for o_, c, x, y in zip(self.run_views(out), self.run_scalars(cond), self.run_views(a),
                                bs, strict=True):
             torch.where(c, x, y, out=o_)
@@ -497,15 +499,16 @@ class EMSA(Solver):
             order = (torch.arange(m, device=z.device)[:, None]
                      + torch.arange(m, device=z.device)) % m
             W = z.new_empty(3, n)  # noqa: N806 - (s_new, y_new, g_new)
+            zero = z.new_zeros(())
             gamma = self.lr * torch.clamp(1.0 / lay.seg_sum(g.abs()), max=1.0)
             gamma = torch.nan_to_num(gamma, nan=self.lr, posinf=self.lr)
         else:
             gamma = torch.full((L,), self.lr, dtype=z.dtype, device=z.device)
         tau = torch.ones(L, dtype=z.dtype, device=z.device)
         head, count = 0, 0
+        gg = lay.dot(g, g)
         for _ in range(self.inner_iters):
             c = min(count, m)
-            gg = lay.dot(g, g)
             if c:
                 # slots 0..c-1 are in use; oldest first is slot `head` once the memory is full
                 shift = head if c == m else 0
@@ -540,12 +543,12 @@ class EMSA(Solver):
             ok = torch.isfinite(phic) & (phic <= phi + self.c1 * tau * gd)
             if m:
                 W[0] = lay.scale(d, torch.where(ok, tau, 0.0))         # s = zc - z
-                lay.where(ok, gc - g, 0.0, out=W[1])                    # y
+                lay.where(ok, gc - g, zero, out=W[1])                    # y
                 W[2] = gc
-                q2 = lay.grams(W[:2], W[:2])  # (2, 2, L): ss, sy, yy
-                ss, sy_, yy_ = q2[0, 0], q2[0, 1], q2[1, 1]
+                q3 = lay.grams(W, W)  # (3, 3, L): ss, sy, yy, ..., g_new . g_new
+                ss, sy_, yy_ = q3[0, 0], q3[0, 1], q3[1, 1]
                 good = ok & (sy_ > 1e-10 * torch.sqrt(ss * yy_))
-                lay.where(good, W[:2], 0.0, out=M[head])
+                lay.where(good, W[:2], zero, out=M[head])
                 W[:2] = M[head]
                 empty[:, head] = (~good).to(empty.dtype)
                 c1 = min(count + 1, m)
@@ -558,7 +561,7 @@ class EMSA(Solver):
                 # (s_j . g, y_j . g) at the next iterate: g_new where accepted; the new slot
                 # is empty where rejected, so its products are P's in every layer
                 AB[:c1] = torch.where(ok, P[:, :, 2], AB[:c1])
-                AB[head] = P[head, :, 2]
+                AB[head] = torch.where(ok, P[head, :, 2], 0.0)  # (gc may be inf where rejected)
                 gamma = torch.where(good, sy_ / torch.where(good, yy_, 1.0), gamma)
                 head, count = (head + 1) % m, count + 1
             # accepted: back to the full step (L-BFGS) or twice the last one (gd). Rejected:
@@ -576,6 +579,7 @@ class EMSA(Solver):
             tau = torch.where(ok, grow, shrink)
             z = lay.where(ok, zc, z)
             g = lay.where(ok, gc, g)
+            gg = torch.where(ok, q3[2, 2], gg) if m else lay.dot(g, g)
             phi = torch.where(ok, phic, phi)
         return z, phi
 
