@@ -13,7 +13,9 @@ Times are thread CPU time (``time.thread_time``) with one torch thread; the medi
 the timed rounds are reported as ratios to Adam. ``floor`` is E-MSA's arithmetic floor: the
 matmul/conv FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` over
 those of one Adam step (elementwise work is not counted); ``/floor`` is the measured ratio
-over it. The load average is printed with every table.
+over it; ``passes floor`` counts the network passes alone (all but ``aten.bmm``, which in an
+E-MSA step are the batched L-BFGS memory products: 4 m numel multiply-adds per inner
+iteration at history m). The load average is printed with every table.
 
 Usage::
 
@@ -72,12 +74,17 @@ class _NoModuleTracker:
         return False
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
+def count_flops(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(all counted FLOPs, those of the network passes: without ``aten.bmm``, which in an
+    E-MSA step are the L-BFGS memory products) of running ``fn`` once."""
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _NoModuleTracker()
     with counter:
         fn()
-    return int(counter.get_total_flops())
+    per_op = counter.get_flop_counts().get("Global", {})
+    bmm = sum(v for k, v in per_op.items() if "bmm" in str(k))
+    total = int(counter.get_total_flops())
+    return total, total - int(bmm)
 
 
 def load_msa(path: str) -> Any:
@@ -123,21 +130,23 @@ def interleave(solvers: dict[str, Any], batches: list[tuple], rounds: int, warmu
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def floor(model: nn.Module, batch: tuple) -> float:
-    """FLOPs of one E-MSA step over one Adam step (fresh copies; after one warm-up step)."""
+def floor(model: nn.Module, batch: tuple) -> tuple[float, float]:
+    """FLOPs of one E-MSA step over one Adam step (fresh copies; after one warm-up step):
+    all counted, and the network passes alone."""
     s = make_solvers(model, None)
     for v in s.values():
         v.step(*batch)
-    return count_flops(lambda: s["emsa"].step(*batch)) / count_flops(
+    e, a = count_flops(lambda: s["emsa"].step(*batch)), count_flops(
         lambda: s["adam"].step(*batch))
+    return e[0] / a[0], e[1] / a[0]
 
 
 def row(label: str, model: nn.Module, batches: list[tuple], args: argparse.Namespace,
         baseline: Any | None) -> dict[str, Any]:
     med = interleave(make_solvers(model, baseline), batches, args.rounds, args.warmup)
-    fl = floor(model, batches[0])
+    fl, passes = floor(model, batches[0])
     r = {"label": label, "adam_ms": med["adam"] * 1e3, "emsa": med["emsa"] / med["adam"],
-         "floor": fl, "load": loadavg()}
+         "floor": fl, "passes": passes, "load": loadavg()}
     if "emsa-before" in med:
         r["before"] = med["emsa-before"] / med["adam"]
     print(fmt(r, baseline is not None), flush=True)
@@ -149,13 +158,13 @@ def fmt(r: dict[str, Any], before: bool) -> str:
     if before:
         cells.append(f"{r['before']:.1f}")
     cells += [f"{r['emsa']:.1f}", f"{r['floor']:.1f}", f"{r['emsa'] / r['floor']:.2f}",
-              r["load"]]
+              f"{r['passes']:.1f}", f"{r['emsa'] / r['passes']:.2f}", r["load"]]
     return "| " + " | ".join(cells) + " |"
 
 
 def header(first: str, before: bool) -> str:
     cols = [first, "Adam ms/step"] + (["E-MSA before / Adam"] if before else []) + [
-        "E-MSA / Adam", "floor", "/floor", "load"]
+        "E-MSA / Adam", "floor", "/floor", "passes floor", "/passes", "load"]
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="3 solvers, 8 steps (a smoke test)")
+    ap.add_argument("--only", default=None, help="comma-separated solver names")
     ap.add_argument("--no-guard", action="store_true",
                     help="new solvers without the finiteness guard and input checks")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here")
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     net = build_model("mlp", ds.n_features, ds.n_classes)
     solvers = {"adam": {}, "sgd": {}, "ddpnopt": {}} if args.quick else SOLVERS
+    if args.only:
+        names = ["adam"] + [n for n in args.only.split(",") if n != "adam"]
+        solvers = {n: SOLVERS.get(n, {}) for n in names}
     steps, warm = (8, 2) if args.quick else (args.steps, args.warmup)
     built = {}
     for name, opts in solvers.items():

@@ -198,6 +198,9 @@ def _saved_config(resume: Path) -> dict[str, Any]:
                    "0: never")
 @click.option("--overwrite", is_flag=True,
               help="replace the checkpoints of an earlier run in --out")
+@click.option("--tensorboard", is_flag=True,
+              help="stream step and epoch scalars to OUT/tensorboard (pip install "
+                   "ocnet[tensorboard])")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.pass_context
 def train(ctx: click.Context, resume: Path | None, out: Path | None, no_progress: bool,
@@ -274,6 +277,20 @@ def solvers() -> None:
     width = max((len(r.name) for r in records), default=0)
     for r in records:
         click.echo(f"{r.name:<{width}}  {r.summary} [{_facts(r)}]")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True,
+                type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/overlay.png"),
+              show_default=True, help="the figure to write (.png, .pdf, .svg)")
+def plot(run_dirs: tuple[Path, ...], out: Path) -> None:
+    """Overlay several runs' curves (loss, accuracy, seconds) in one figure; the legend
+    names what differs between their configs."""
+    from .overlay import overlay_runs
+
+    path = overlay_runs(list(run_dirs), out)
+    click.echo(f"{len(run_dirs)} runs -> {path}")
 
 
 @cli.command()

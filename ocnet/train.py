@@ -137,6 +137,8 @@ class TrainConfig:
     #: stop with TrainingDiverged after this many consecutive rejected steps (a step the
     #: solver's finiteness guard undid, or one its own acceptance test refused); 0: never
     max_rejected: int = 3
+    #: stream the step and epoch scalars to ``OUT/tensorboard`` (the ``tensorboard`` extra)
+    tensorboard: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON- and ``weights_only``-safe dict (paths as strings)."""
@@ -169,6 +171,12 @@ class TrainConfig:
             raise unknown_name("solver", self.solver, solver_names())
         if self.dtype not in DTYPES:
             raise unknown_name("dtype", self.dtype, list(DTYPES))
+        if self.tensorboard and self.out is None:
+            raise ConfigError("--tensorboard writes into the run directory: give --out DIR")
+        if self.tensorboard:
+            from .tensorboard import _summary_writer
+
+            _summary_writer()  # the extra is missing: say so before anything runs
         for name in ("epochs", "batch_size", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -562,6 +570,34 @@ class EpochMetrics(Callback):
         return None
 
 
+class TensorBoardLog(Callback):
+    """Streams every step's scalars (loss, accepted, gradient norm, step seconds and the
+    solver's own diagnostics: DDPNOpt's gains and cap rate, E-MSA's rho and Hamiltonian
+    gain, the braking phase and friction, ...) and each epoch's metrics row to
+    TensorBoard (``ocnet.tensorboard``). Reading the step's tensors is a host read per step,
+    like the loss the loop reads anyway."""
+
+    def __init__(self, log_dir: Path, history: list[dict[str, Any]], *,
+                 hparams: dict[str, Any] | None = None) -> None:
+        from .tensorboard import TensorBoardCallback
+
+        self.writer = TensorBoardCallback(log_dir, hparams=hparams)
+        self.history = history
+
+    def on_step(self, event: StepEvent) -> None:
+        from .tensorboard import step_scalars
+
+        self.writer.on_step(event.step, step_scalars(event.info))
+
+    def on_epoch_end(self, end: EpochEnd) -> str | None:
+        if self.history:
+            self.writer.on_epoch_end(end.epoch, self.history[-1])
+        return None
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class Checkpoints(Callback):
     """A checkpoint after every ``every``-th complete epoch and the last one (an epoch cut
     short is not checkpointed), the newest ``keep`` kept. The state holds everything an
@@ -914,6 +950,12 @@ def _train_locked(config: TrainConfig, resume: Path | None, comm: Any,
     ]
     if config.max_seconds is not None:
         callbacks.append(TimeBudget(config.max_seconds, comm=comm))
+    board = None
+    if config.tensorboard and write:
+        board = TensorBoardLog(out / "tensorboard", history,
+                               hparams={k: v for k, v in config.to_dict().items()
+                                        if isinstance(v, int | float | str | bool)})
+        callbacks.insert(1, board)  # after the metrics row of the epoch is made
     try:
         result = fit(solver, epoch_batches, epochs=config.epochs, start_epoch=start_epoch,
                      callbacks=callbacks, max_rejected=config.max_rejected or None)
@@ -923,6 +965,8 @@ def _train_locked(config: TrainConfig, resume: Path | None, comm: Any,
         raise TrainingDiverged(f"{err} ({divergence._where()})") from err
     finally:
         progress.close()
+        if board is not None:
+            board.close()
     stopped = result.stopped
     step_seconds = metrics.step_seconds
     if result.steps and result.rejected == result.steps:

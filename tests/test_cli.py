@@ -356,10 +356,7 @@ def _option_value(draw):
     return opt, value
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(option=_option_value())
-def test_any_option_value_is_a_run_or_one_error_line(tmp_path, option):
+def _one_option(tmp_path, option):
     opt, value = option
     out = tmp_path / f"run{abs(hash(option))}"
     base = ["--data", "digits", "--n-train", "100", "--n-test", "50", "--width", "4",
@@ -376,3 +373,19 @@ def test_any_option_value_is_a_run_or_one_error_line(tmp_path, option):
     else:  # a run that started and failed (e.g. diverged): its files are consistent
         assert "diverged" in line or "rejected" in line or "non-finite" in line \
             or "became" in line, line
+
+
+_HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=_HEALTH)
+@given(option=_option_value())
+def test_any_option_value_is_a_run_or_one_error_line(tmp_path, option):
+    _one_option(tmp_path, option)
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None, suppress_health_check=_HEALTH)
+@given(option=_option_value())
+def test_any_option_value_is_a_run_or_one_error_line_many(tmp_path, option):
+    _one_option(tmp_path, option)

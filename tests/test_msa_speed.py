@@ -163,13 +163,13 @@ class _Ops(TorchDispatchMode):
 
     def __init__(self, numel: int = -1) -> None:
         super().__init__()
-        self.ops, self.full, self.numel = 0, 0, numel
+        self.ops, self.full, self.numel = 0, [], numel
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         if isinstance(out, torch.Tensor) and out.numel() == self.numel:
-            self.full += 1
+            self.full.append(str(func))
         return out
 
 
@@ -209,4 +209,5 @@ def test_evaluation_makes_no_full_size_copy_per_control_tensor():
     z, _, fr = _frozen(solver, x, y)
     with _Ops(solver.layout.numel) as ops:
         solver.evaluate(z, fr)
-    assert ops.full == 1
+    made = [f for f in ops.full if not any(w in f for w in ("detach", "alias", "view"))]
+    assert made == ["aten.cat.default"], made

@@ -102,3 +102,33 @@ def test_overlay_draws_every_run_with_a_legend_from_the_configs(tmp_path):
     assert out.exists() and out.stat().st_size > 10_000
     with pytest.raises(ConfigError, match="no metrics.csv"):
         overlay_runs([tmp_path], tmp_path / "x.png")
+
+
+def test_ocnet_train_tensorboard_and_ocnet_plot(tmp_path, monkeypatch):
+    """The command line: ``train --tensorboard`` streams step and epoch scalars (read back
+    with tensorboard's own event reader), ``plot`` overlays the runs."""
+    from click.testing import CliRunner
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ocnet.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for name, solver in (("a", "adam"), ("b", "ddpnopt")):
+        res = runner.invoke(cli, ["train", "--data", "moons", "--solver", solver, "--epochs",
+                                  "2", "--n-train", "64", "--n-test", "32", "--out", name,
+                                  "--tensorboard", "--no-progress"])
+        assert res.exit_code == 0, res.output
+    acc = EventAccumulator(str(tmp_path / "b" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"step/loss", "step/grad_norm", "step/seconds", "step/cap_rate",
+            "epoch/test_accuracy", "epoch/train_loss"} <= tags
+    assert [e.step for e in acc.Scalars("epoch/test_loss")] == [1, 2]
+    assert len(acc.Scalars("step/loss")) == 4  # 64 samples / 32 per batch x 2 epochs
+    res = runner.invoke(cli, ["plot", "a", "b", "--out", "both.png"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "both.png").stat().st_size > 10_000
+    res = runner.invoke(cli, ["train", "--data", "moons", "--tensorboard", "--epochs", "1",
+                              "--out", str(tmp_path / "c"), "--n-train", "32", "--no-progress"])
+    assert res.exit_code == 0, res.output

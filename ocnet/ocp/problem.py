@@ -411,24 +411,28 @@ class Problem:
                                          traj.us)
         return traj
 
-    def policy_rollout(self, x0: Tensor, y: Tensor | None, policy: Policy) -> Trajectory:
+    def policy_rollout(self, x0: Tensor, y: Tensor | None, policy: Policy, *,
+                       costs: bool = True) -> Trajectory:
         """The forward pass under a feedback policy (no graph).
 
         At each stage ``u_t = policy(t, xhat_t)`` (``None``: the live controls), then
         xhat_{t+1} = f_t(xhat_t, u_t); ``traj.us`` are the controls used and
         ``traj.objective`` is J along the new trajectory (coupled costs at those controls).
+        ``costs=False`` skips the running and coupled costs: ``traj.objective`` is then
+        Phi(xhat_T) alone (for a solver that only reports it).
         """
         self._check_placement(x0)
-        xs, us, costs = [x0], [], []
+        xs, us, running = [x0], [], []
         with torch.no_grad():
             for t, stage in enumerate(self.stages):
                 u = policy(t, xs[-1])
                 u = stage.controls if u is None else tuple(u)
                 us.append(u)
-                costs.append(self.running_cost(t, xs[-1], u))
+                running.append(self.running_cost(t, xs[-1], u) if costs else None)
                 xs.append(self.step(t, xs[-1], u))
-            J = self._total(self.terminal(xs[-1], y), costs, us)  # noqa: N806
-        return Trajectory(xs=xs, us=us, running_costs=costs, objective=J)
+            phi = self.terminal(xs[-1], y)
+            J = self._total(phi, running, us) if costs else phi  # noqa: N806
+        return Trajectory(xs=xs, us=us, running_costs=running, objective=J)
 
     def objective(
         self, x0: Tensor, y: Tensor | None = None, controls: Sequence[Controls] | None = None

@@ -359,8 +359,8 @@ class DDPNOpt(Solver):
                 moved[0] = True
             return None
 
-        with torch.no_grad():
-            traj = self.problem.policy_rollout(x0, y, policy)
+        with torch.no_grad():  # Phi along the new trajectory is all it reports
+            traj = self.problem.policy_rollout(x0, y, policy, costs=False)
         (after,) = self.reduce_mean([traj.objective])
         return after, gains, _rate(bound, x0), _rate(clipped, x0)
 
@@ -399,7 +399,8 @@ class DDPNOpt(Solver):
         extra: dict[str, Any] = {}
         if self.feedback:
             after, gains, rate, clip = self._feedback_pass(x0, y, traj.xs, traj.records, old)
-            extra = {"loss_after": after, "gains": gains, "cap_rate": rate, "clip_rate": clip}
+            extra = {"loss_after_phi": after, "gains": gains, "cap_rate": rate,
+                     "clip_rate": clip}
         return StepInfo(loss=J, accepted=True, grad_norm=norm, extra=extra)
 
     @property

@@ -25,13 +25,18 @@ Pontryagin condition).
 The maximisation runs for all controlled layers together on one flat vector of all
 controls, on the problem's device. Each evaluation is one forward pass of every layer,
 one vector-Jacobian product for dH/dx (kept differentiable) and one backward pass
-(a double backward through the costate penalty). Per-layer quantities (values, dot
-products, step sizes) are segment sums over that vector, so the layers are independent
-problems solved in one batch. Inner solvers:
+(a double backward through the costate penalty) to one leaf per control tensor (views of
+the flat vector, so the gradient is one concatenation: O(controls) per evaluation).
+Per-layer quantities (values, dot products, step sizes) are reductions over the layers'
+segments of that vector, done per *run* of consecutive equal-sized layers (a (k, size) view),
+so the layers are independent problems solved in one batch and the bookkeeping of an inner
+iteration runs the same operators whatever the depth. Inner solvers:
 
 - ``lbfgs``: a batched L-BFGS with per-layer memory, scaling and an Armijo
   accept/reject per layer (rejected layers backtrack to the minimiser of a quadratic
-  fit, within [0.1, 0.5] of the step); no host synchronisation.
+  fit, within [0.1, 0.5] of the step); no host synchronisation. The direction is the
+  two-loop recursion in its compact form (per-layer (m, m) Gram matrices of the memory,
+  kept up to date), which reads the memory twice per iteration in batched products.
 - ``gd``: the same with no memory: gradient ascent with a per-layer Armijo step.
 - ``adam``: Adam ascent; each layer keeps the best iterate it has seen.
 - ``torch-lbfgs``: ``torch.optim.LBFGS`` (strong Wolfe) over all controls at once,

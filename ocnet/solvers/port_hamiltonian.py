@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..ocp.errors import ConfigError, unknown_name
 from ..ocp.problem import Problem
-from .base import Solver, StepInfo, grad_norm, register
+from .base import GATE_REASON, Solver, StepInfo, grad_norm, register
 
 INTEGRATORS = ("symplectic_euler", "verlet", "explicit_euler", "ode")
 
@@ -496,7 +496,15 @@ class PortHamiltonianSolver(Solver):
                 first["norm"] = grad_norm(grads)
             return loss
 
-        loss = self.optimizer.step(closure)
+        if self._gate_path is not None:  # gated: the gradient first, the step if finite
+            with torch.enable_grad():
+                loss = closure()
+            if self.finite_gate(loss, first["norm"]) is False:
+                return StepInfo(loss=loss, accepted=False, grad_norm=first["norm"],
+                                reason=GATE_REASON)
+            loss = self.optimizer.step(loss=loss)
+        else:
+            loss = self.optimizer.step(closure)
         extra: dict[str, Any] = {"energy": self.optimizer.last_energy}
         gamma = self.optimizer.last_friction
         extra["friction"] = self.optimizer.param_groups[0]["gamma"] if gamma is None else gamma
@@ -504,6 +512,13 @@ class PortHamiltonianSolver(Solver):
             extra["phase"] = self.schedule.phase
             extra["smoothed_loss"] = self.schedule.smoothed_loss
         return StepInfo(loss=loss, accepted=True, grad_norm=first.get("norm"), extra=extra)
+
+    @property
+    def gates_itself(self) -> bool:  # type: ignore[override]
+        """The fixed-step integrators update a finite state by a finite force: the
+        finiteness guard looks at the loss and the gradient before the step (host path).
+        The ``ode`` flow evaluates the gradient along the way and is undone after."""
+        return self.optimizer.integrator != "ode"
 
     def events(self) -> list[dict[str, float | int]]:
         """The braking events so far (host read; call between steps)."""
