@@ -331,9 +331,11 @@ def demo(out: Path, solver_list: str | None, epochs: int | None, seed: int, quic
 # Commands defined elsewhere are added here with one line each.
 from .adapt import adapt  # noqa: E402
 from .compare import compare  # noqa: E402
+from .reproduce import reproduce_command  # noqa: E402
 
 cli.add_command(adapt)
 cli.add_command(compare)
+cli.add_command(reproduce_command)
 
 
 def main(argv: list[str] | None = None) -> None:
