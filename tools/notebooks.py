@@ -61,9 +61,19 @@ def execute(source: Path, workdir: Path | None = None, timeout: float = 300.0
         cwd.mkdir(parents=True, exist_ok=True)
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(cwd)}})
-        start = time.perf_counter()
-        client.execute()
-        return nb, time.perf_counter() - start
+        # the kernel inherits the environment: a non-interactive MPLBACKEND (CI sets Agg)
+        # would keep the figures out of the notebook, so the kernel gets the inline backend
+        saved = os.environ.get("MPLBACKEND")
+        os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+        try:
+            start = time.perf_counter()
+            client.execute()
+            return nb, time.perf_counter() - start
+        finally:
+            if saved is None:
+                os.environ.pop("MPLBACKEND", None)
+            else:
+                os.environ["MPLBACKEND"] = saved
 
 
 def main(argv: list[str] | None = None) -> int:
