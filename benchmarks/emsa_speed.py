@@ -13,9 +13,9 @@ Times are thread CPU time (``time.thread_time``) with one torch thread; the medi
 the timed rounds are reported as ratios to Adam. ``floor`` is E-MSA's arithmetic floor: the
 matmul/conv FLOPs of one step counted by ``torch.utils.flop_counter.FlopCounterMode`` over
 those of one Adam step (elementwise work is not counted); ``/floor`` is the measured ratio
-over it; ``passes floor`` counts the network passes alone (all but ``aten.bmm``, which in an
-E-MSA step are the batched L-BFGS memory products: 4 m numel multiply-adds per inner
-iteration at history m). The load average is printed with every table.
+over it; ``passes floor`` counts the network passes alone (the FLOPs inside the step's
+``value_and_gradients`` and its evaluations; the rest are the batched L-BFGS memory
+products). The load average is printed with every table.
 
 Usage::
 
@@ -74,17 +74,36 @@ class _NoModuleTracker:
         return False
 
 
-def count_flops(fn: Callable[[], Any]) -> tuple[int, int]:
-    """(all counted FLOPs, those of the network passes: without ``aten.bmm``, which in an
-    E-MSA step are the L-BFGS memory products) of running ``fn`` once."""
+def count_flops(fn: Callable[[], Any]) -> int:
+    """All counted FLOPs of running ``fn`` once."""
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _NoModuleTracker()
     with counter:
         fn()
-    per_op = counter.get_flop_counts().get("Global", {})
-    bmm = sum(v for k, v in per_op.items() if "bmm" in str(k))
-    total = int(counter.get_total_flops())
-    return total, total - int(bmm)
+    return int(counter.get_total_flops())
+
+
+def count_passes(solver: Any, batch: tuple) -> int:
+    """The FLOPs of one E-MSA step's network passes alone: those inside its
+    ``value_and_gradients`` and its evaluations (the rest of the step is L-BFGS
+    bookkeeping, whose memory products are batched matmuls like the closed-form passes)."""
+    total = [0]
+
+    def counted(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            box: list[Any] = []
+            total[0] += count_flops(lambda: box.append(fn(*a, **k)))
+            return box[0]
+        return run
+
+    prob = solver.problem
+    solver.evaluate = counted(solver.evaluate)
+    prob.value_and_gradients = counted(prob.value_and_gradients)
+    try:
+        solver.step(*batch)
+    finally:
+        del solver.evaluate, prob.value_and_gradients
+    return total[0]
 
 
 def load_msa(path: str) -> Any:
@@ -138,7 +157,7 @@ def floor(model: nn.Module, batch: tuple) -> tuple[float, float]:
         v.step(*batch)
     e, a = count_flops(lambda: s["emsa"].step(*batch)), count_flops(
         lambda: s["adam"].step(*batch))
-    return e[0] / a[0], e[1] / a[0]
+    return e / a, count_passes(s["emsa"], batch) / a
 
 
 def row(label: str, model: nn.Module, batches: list[tuple], args: argparse.Namespace,

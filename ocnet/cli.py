@@ -265,6 +265,8 @@ def _facts(record: Any) -> str:
         facts.append("host decisions")
     if record.reference:
         facts.append("exact reference")
+    facts.append("presets: " + ", ".join(sorted(record.presets)) if record.presets
+                 else "no presets")
     return "; ".join(facts)
 
 

@@ -84,3 +84,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     tr.write_line("| --- | --- |")
     for case, value in sorted(_ERRORS.items()):
         tr.write_line(f"| {case} | {value:.2e} |")
+
+
+@pytest.fixture
+def temp_names():  # noqa: ANN201
+    """Solver names a test registers, unregistered afterwards (append to the list)."""
+    from ocnet.solvers import solver_names, unregister
+
+    names: list[str] = []
+    yield names
+    for name in names:
+        if name in solver_names():
+            unregister(name)

@@ -13,6 +13,8 @@ unnormalised; c = c_B (2 gamma - gamma^2))::
     R^i = Qhat_ux^iT P Qhat_ux^i,
     Vhat_x^i = Qhat_x^i  (vx="backprop")  or  Qhat_x^i - Qhat_ux^iT P Q_u  (vx="ddp"),
     Vhat_xx^i = Qhat_xx^i - c R^i + eps I,
+    second_order: Qhat_xx^i += d2(Vhat'_x^i . f^i)/dx2, Qhat_ux^i += d2(Vhat'_x^i . f^i)/du dx
+    (blocks of one classic ``hessian`` in (x, u) per sample),
     forward: xhat_0 = x_0,  u*_t = u_t + k_t + gamma sum_i K^i (xhat^i_t - x^i_t).
 
 It shares no code with ``ocnet/solvers/ddpnopt.py``; the base optimizers (sgd, adam) are
@@ -107,8 +109,8 @@ class RefStage:
 
 def reference_exact_step(problem: Problem, x0: Tensor, y: Tensor | None, base: RefBase, *,
                          gamma: float = 1.0, eps: float = 0.0, c_b: str = "joint",
-                         vx: str = "backprop", terminal_hessian: str = "exact"
-                         ) -> list[RefStage]:
+                         vx: str = "backprop", terminal_hessian: str = "exact",
+                         second_order: bool = False) -> list[RefStage]:
     """One exact DDPNOpt step at the problem's current controls (the problem is not
     changed; ``u_new`` holds each controlled stage's new flat controls)."""
     B = x0.shape[0]  # noqa: N806
@@ -138,7 +140,7 @@ def reference_exact_step(problem: Problem, x0: Tensor, y: Tensor | None, base: R
     for t in reversed(range(problem.T)):
         stage, u, X = problem.stages[t], us[t], xs[t]  # noqa: N806
         uv = flatten_controls([u], like=X).detach()
-        fxs, fus = [], []
+        fxs, fus, sxx, sux = [], [], [], []
         for i in range(B):
             xi = X[i:i + 1]
 
@@ -151,11 +153,23 @@ def reference_exact_step(problem: Problem, x0: Tensor, y: Tensor | None, base: R
             else:
                 jx = jacobian(lambda xv, f=f, uv=uv: f(xv, uv), xi.reshape(-1))
             fxs.append(jx)
+            if second_order:
+                vi = v_x[i]
+                if u:
+                    (hxx, _), (hux, _) = hessian(
+                        lambda xv, w, f=f, vi=vi: (vi * f(xv, w)).sum(), (xi.reshape(-1), uv))
+                    sux.append(hux)
+                else:
+                    hxx = hessian(lambda xv, f=f, vi=vi, uv=uv: (vi * f(xv, uv)).sum(),
+                                  xi.reshape(-1))
+                sxx.append(hxx)
         fx = torch.stack(fxs)  # (B, n', n)
         fu = torch.stack(fus) if u else None  # (B, n', m)
         n = fx.shape[2]
         q_x = torch.einsum("bon,bo->bn", fx, v_x)
         q_xx = fx.transpose(1, 2) @ v_xx @ fx
+        if second_order:
+            q_xx = q_xx + torch.stack(sxx)
         eye = torch.eye(n, dtype=X.dtype)
         st = out[t]
         st.Q_x, st.Q_xx = q_x, q_xx
@@ -169,6 +183,8 @@ def reference_exact_step(problem: Problem, x0: Tensor, y: Tensor | None, base: R
                 X, unflatten_controls(w, [u])[0]), uv)
         q_u = torch.einsum("bom,bo->m", fu, v_x) / B + l_u
         q_ux = fu.transpose(1, 2) @ v_xx @ fx  # (B, m, n)
+        if second_order:
+            q_ux = q_ux + torch.stack(sux)
         k, P = base.step(t, q_u, [v.shape for v in u], len(u) == 2)  # noqa: N806
         K = -(P @ q_ux) / B  # noqa: N806
         R = q_ux.transpose(1, 2) @ P @ q_ux  # noqa: N806

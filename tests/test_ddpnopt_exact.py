@@ -64,6 +64,8 @@ def _dense_qux(solver: DDPNOpt, t: int) -> Tensor:
     H, abar = rec["H"], rec["abar"]  # noqa: N806
     B, nz, n = H.shape  # noqa: N806
     full = H[:, :, None, :] * abar[:, None, :, None]  # (B, n_z, n_a+1, n)
+    if rec["v"] is not None:  # second_order: + v^i (x) (J^i delta), J = [da/dx; 0]
+        full = full + rec["v"][:, :, None, None] * rec["J"][:, None, :, :]
     if solver.affines[t].has_bias:
         return torch.cat([full[:, :, :-1].reshape(B, -1, n), full[:, :, -1]], 1)
     return full.reshape(B, -1, n)
@@ -77,6 +79,12 @@ CASES = [  # (problem, loss, base, lr, options)
                                           "vxx_reg": 0.3}),
     ("resnet", "cross_entropy", "adam", 3e-2, {"vx": "ddp", "vxx_reg": 0.2}),
     ("euler", "cross_entropy", "sgd", 0.5, {"vx": "ddp", "c_b": "per_sample", "gain": 0.7}),
+    # the dynamics expanded to the second order (Vhat'_x . f_ux, Vhat'_x . f_xx)
+    ("mlp", "cross_entropy", "sgd", 0.3, {"second_order": True}),
+    ("mlp", "quadratic", "adam", 3e-2, {"second_order": True, "vx": "ddp", "vxx_reg": 0.1}),
+    ("mlp", "cross_entropy", "kfac", 0.2, {"second_order": True, "vx": "ddp"}),
+    ("resnet", "cross_entropy", "adam", 3e-2, {"second_order": True, "vx": "ddp"}),
+    ("euler", "cross_entropy", "sgd", 0.5, {"second_order": True, "gain": 0.7}),
 ]
 
 
@@ -102,7 +110,8 @@ def test_every_quantity_matches_the_dense_reference(case):
         info = solver.step(x, y)
         ref = reference_exact_step(before, x, y, ref_base, gamma=gamma, eps=solver.vxx_reg,
                                    c_b=solver.c_b, vx=solver.vx,
-                                   terminal_hessian=solver.terminal_hessian)
+                                   terminal_hessian=solver.terminal_hessian,
+                                   second_order=solver.second_order)
         debug = {r["t"]: r for r in solver.last_debug}
         assert len(debug) >= 2
         for t, st in enumerate(ref):
@@ -155,10 +164,12 @@ def test_without_feedback_it_is_the_base_optimizer(base, lr):
     assert err < 1e-12
 
 
-def test_batch_of_one_is_ddp_with_the_base_curvature():
+@pytest.mark.parametrize("second_order", [False, True])
+def test_batch_of_one_is_ddp_with_the_base_curvature(second_order):
     """B = 1, sgd base, vx="ddp", gamma = 1: the exact backward pass is DDP's (Tassa's V_x,
-    V_xx from tests/ddp_reference.py's derivatives of the batched stage) with Q_uu = I / lr,
-    k = -lr Q_u, K = -lr Q_ux; "joint" and "per_sample" coincide."""
+    V_xx from tests/ddp_reference.py's derivatives of the batched stage, with or without
+    the second-order dynamics terms) with Q_uu = I / lr, k = -lr Q_u, K = -lr Q_ux;
+    "joint" and "per_sample" coincide."""
     lr, eps = 0.2, 0.05
     problem = _mlp(5, wd=0.0)
     x, y = _batch(6, 4, B=1)
@@ -170,7 +181,8 @@ def test_batch_of_one_is_ddp_with_the_base_curvature():
     expect = {}
     for t in reversed(range(problem.T)):
         u = tuple(v.detach() for v in problem.stages[t].controls)
-        q_x, q_u, q_xx, q_ux, _ = _stage_q(problem.stages[t], xs[t], u, v_x, v_xx, False)
+        q_x, q_u, q_xx, q_ux, _ = _stage_q(problem.stages[t], xs[t], u, v_x, v_xx,
+                                           second_order)
         m = q_u.numel()
         k, K = -lr * q_u, -lr * q_ux  # noqa: N806
         q_uu = torch.eye(m, dtype=DT) / lr
@@ -180,7 +192,8 @@ def test_batch_of_one_is_ddp_with_the_base_curvature():
         expect[t] = (q_u, k, K, v_x, v_xx)
     for c_b in ("joint", "per_sample"):
         p = copy.deepcopy(problem)
-        solver = DDPNOpt(p, lr=lr, base="sgd", vxx="exact", vx="ddp", vxx_reg=eps, c_b=c_b)
+        solver = DDPNOpt(p, lr=lr, base="sgd", vxx="exact", vx="ddp", vxx_reg=eps, c_b=c_b,
+                         second_order=second_order)
         solver.debug = True
         solver.step(x, y)
         for t, (q_u, k, K, v_x, v_xx) in expect.items():  # noqa: N806
@@ -203,11 +216,13 @@ def test_exact_mode_refuses_conv_stages_and_bad_options():
     for opt in ("vxx", "vx", "c_b", "terminal_hessian"):
         with pytest.raises(ConfigError, match=opt):
             DDPNOpt(_mlp(0), **{opt: "nonsense"})
+    with pytest.raises(ConfigError, match="second_order.*vxx='exact'"):
+        DDPNOpt(_mlp(0), second_order=True)
 
 
 def test_defaults_of_the_two_models():
     outer, exact = DDPNOpt(_mlp(0)), DDPNOpt(_mlp(0), vxx="exact")
-    assert (outer.gain, outer.trust, outer.vxx_reg) == ("auto", 0.3, 1.0)
+    assert (outer.gain, outer.trust, outer.vxx_reg) == (1.0, 0.3, 0.0)
     assert (exact.gain, exact.trust, exact.vx, exact.c_b, exact.terminal_hessian) == (
         1.0, 0.0, "backprop", "joint", "exact")
 
@@ -238,3 +253,25 @@ def test_benchmark_quick_runs(tmp_path):
         torch.set_num_threads(threads)
     text = out.read_text()
     assert "cosine" in text and "cap_rate" in text
+
+
+def test_claims_benchmark_quick_runs(tmp_path):
+    """benchmarks/ddpnopt_claims.py, a reduced --quick run in this process: every part
+    writes its table, and a rerun takes the runs from the cache."""
+    spec = importlib.util.spec_from_file_location("ddpnopt_claims_bench",
+                                                  ROOT / "benchmarks" / "ddpnopt_claims.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--quick", "--seeds", "1", "--twins", "exact", "--epochs-b", "1",
+            "--runs-b", "sgd;ddpnopt-sgd exact, 2nd-order dynamics", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        bench.main(args)
+        n_runs = len((tmp_path / "runs.jsonl").read_text().splitlines())
+        bench.main(args + ["--parts", "ab"])  # everything cached: nothing runs again
+    finally:
+        torch.set_num_threads(threads)
+    text = (tmp_path / "claims.md").read_text()
+    assert "Learning-rate sweep" in text and "Vanishing gradients" in text
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == n_runs == 9 * 2 + 2
+    assert (tmp_path / "lr_sweep.png").exists() and (tmp_path / "vanishing_gradient.png").exists()

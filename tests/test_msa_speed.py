@@ -207,7 +207,81 @@ def test_evaluation_makes_no_full_size_copy_per_control_tensor():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(7, 6, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
     z, _, fr = _frozen(solver, x, y)
-    with _Ops(solver.layout.numel) as ops:
-        solver.evaluate(z, fr)
-    made = [f for f in ops.full if not any(w in f for w in ("detach", "alias", "view"))]
-    assert made == ["aten.cat.default"], made
+    for closed, one in ((True, "aten.new_empty.default"), (False, "aten.cat.default")):
+        if not closed:  # the autograd evaluation (the closed form writes into one new_empty)
+            solver.closed_form, fr.closed = None, None
+        with _Ops(solver.layout.numel) as ops:
+            solver.evaluate(z, fr)
+        made = [f for f in ops.full if not any(w in f for w in ("detach", "alias", "view"))]
+        assert made == [one], made
+
+
+# ---------------------------------------------------------------------------- closed form
+def _nets() -> dict[str, nn.Sequential]:
+    torch.manual_seed(0)
+    frozen_bias = nn.Linear(5, 5)
+    frozen_bias.bias.requires_grad_(False)
+    return {
+        "mlp": build_model("mlp", 6, 3, width=8, depth=3).to(DT),
+        "relu": build_model("mlp", 6, 3, width=8, depth=3, activation="relu").to(DT),
+        "residual": nn.Sequential(nn.Linear(6, 5), nn.Tanh(),
+                                  *[ResidualBlock(5, 0.5, "tanh") for _ in range(4)],
+                                  ResidualBlock(5, 0.3, "relu"), nn.Linear(5, 3)).to(DT),
+        "fixed bias": nn.Sequential(nn.Linear(6, 5), nn.Tanh(), frozen_bias, nn.Tanh(),
+                                    nn.Linear(5, 3)).to(DT),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "relu", "residual", "fixed bias"])
+@pytest.mark.parametrize("rho, scaling", [(0.0, "mean"), (2.0, "mean"), (2.0, "reference")])
+def test_closed_form_evaluation_equals_autograd(name, rho, scaling):
+    """The closed-form Htilde and gradient of dense layers equal the autograd evaluation
+    (float64), away from the frozen iterate (where both penalties are non-zero)."""
+    net = _nets()[name]
+    solver = EMSA(to_problem(net, "cross_entropy"), rho=rho, scaling=scaling)
+    assert solver.closed_form is not None
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 6, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
+    z, _, fr = _frozen(solver, x, y)
+    fr.rho = rho
+    zc = z + 0.3 * torch.randn(z.shape, generator=g, dtype=DT)
+    phi, grad = solver.evaluate(zc, fr)
+    assert fr.closed  # the closed form ran
+    phi_ref, grad_ref = solver._finish(zc, *solver._evaluate_autograd(zc, fr))
+    torch.testing.assert_close(phi, phi_ref, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-13)
+    phi_only, none = solver.evaluate(zc, fr, need_grad=False)
+    assert none is None
+    torch.testing.assert_close(phi_only, phi, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual"])
+def test_closed_form_steps_equal_autograd_steps(name):
+    """Whole E-MSA steps (L-BFGS, weight decay) with either evaluation end at the same
+    controls."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(9, 6, generator=g, dtype=DT), torch.randint(0, 3, (9,), generator=g)
+    runs = []
+    for closed in (True, False):
+        prob = to_problem(_nets()[name], "cross_entropy")
+        solver = EMSA(prob, rho=2.0, weight_decay=1e-3)
+        assert solver.closed_form is not None
+        if not closed:
+            solver.closed_form = None
+        infos = [solver.step(x, y) for _ in range(3)]
+        runs.append((torch.cat([u.detach().reshape(-1) for u in prob.parameters()]), infos))
+    (z_new, i_new), (z_ref, i_ref) = runs
+    torch.testing.assert_close(z_new, z_ref, rtol=1e-9, atol=1e-11)
+    for a, b in zip(i_new, i_ref, strict=True):
+        torch.testing.assert_close(a.extra["htilde_after"], b.extra["htilde_after"],
+                                   rtol=1e-9, atol=1e-11)
+
+
+def test_closed_form_covers_only_what_it_describes():
+    """A running cost, a coupling or a layer it does not know: the autograd evaluation."""
+    net = build_model("mlp", 6, 3, width=8, depth=2).to(DT)
+    assert EMSA(to_problem(net, "cross_entropy", weight_decay=1e-3)).closed_form is None
+    gelu = build_model("mlp", 6, 3, width=8, depth=2, activation="gelu").to(DT)
+    assert EMSA(to_problem(gelu, "cross_entropy")).closed_form is None
+    cnn = build_model("cnn", 64, 10, image_shape=(1, 8, 8)).to(DT)
+    assert EMSA(to_problem(cnn, "cross_entropy")).closed_form is None

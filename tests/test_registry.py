@@ -26,7 +26,6 @@ from ocnet.solvers import (
     solver_entry,
     solver_names,
     solver_records,
-    unregister,
 )
 from ocnet.solvers import base as solver_base
 from ocnet.solvers.gradient import GradientSolver
@@ -42,15 +41,6 @@ def _problem():  # noqa: ANN202
     y = torch.randint(0, 3, (12,), generator=g)
     return problem, x, y
 
-
-@pytest.fixture
-def temp_names():
-    """Names registered by a test, removed afterwards."""
-    names: list[str] = []
-    yield names
-    for name in names:
-        if name in solver_names():
-            unregister(name)
 
 
 class _Buggy(GradientSolver):

@@ -25,6 +25,7 @@ from .registry import (
     register,
     solver_entry,
     solver_names,
+    solver_presets,
     solver_records,
     solver_summaries,
     unregister,
@@ -73,6 +74,7 @@ __all__ = [
     "register",
     "solver_entry",
     "solver_names",
+    "solver_presets",
     "solver_summaries",
     "unrolled_gd",
 ]

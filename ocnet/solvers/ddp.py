@@ -123,6 +123,20 @@ class DDP(Solver):
         alphas: step sizes tried (in order) on each sweep before mu is increased.
         max_stage_controls: refuse stages with more controls than this (a dense Q_uu is
             factorised per stage, cubic in its size; ``None`` lifts the limit).
+
+    Presets: ``paper`` = ``alphas=10**linspace(0, -3, 11), mu=1, mu_factor=1.6,
+    mu_min=1e-6, mu_max=1e10, second_order=False`` (:data:`PRESETS`): the defaults of the
+    public iLQG/DDP code of Tassa, Erez & Todorov (IROS 2012; ``iLQG.m``, MathWorks File
+    Exchange 52069: ``Alpha``, ``lambda``, ``lambdaFactor``, ``lambdaMin``, ``lambdaMax``,
+    ``regType=1`` i.e. mu on Q_uu; Gauss-Newton, no second-order dynamics terms). The values
+    were checked against public copies of that file's defaults block. Two differences
+    stay: ``iLQG.m`` also grows the factor itself (``dlambda``) and sets lambda to 0 below
+    ``lambdaMin``, where ocnet multiplies or divides mu by ``mu_factor`` and keeps it
+    >= ``mu_min``; and it tries all step sizes and keeps the best, where ocnet takes the
+    first that lowers J. The defaults (one full step, mu starting at 1e-6) are not the
+    paper's: on the small networks and LQ problems DDP is used for here a full step is
+    accepted nearly always, and a start at mu = 1 would damp the exact LQ step (one
+    iteration to the Riccati optimum is a test).
     """
 
     name = "ddp"
@@ -279,6 +293,13 @@ class DDP(Solver):
         self.mu = float(state.get("mu", self.mu))
 
 
+#: the presets of ``--solver ddp`` (see :class:`DDP` for the source)
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"alphas": tuple(10.0 ** (-3.0 * i / 10) for i in range(11)), "mu": 1.0,
+              "mu_factor": 1.6, "mu_min": 1e-6, "mu_max": 1e10, "second_order": False},
+}
+
+
 def _factory(problem: Problem, lr: float | None = None, **options: Any) -> DDP:
     return DDP(problem, lr=lr, **options)
 
@@ -286,6 +307,6 @@ def _factory(problem: Problem, lr: float | None = None, **options: Any) -> DDP:
 register("ddp", _factory, "vanilla differential dynamic programming (Gauss-Newton, "
          "Levenberg-Marquardt step control); small networks and control problems",
          solver_class=DDP, default_lr=1.0, cost="second-order-dense", max_controls=1500,
-         limit_per="stage", host_sync=True)
+         limit_per="stage", host_sync=True, presets=PRESETS)
 
 __all__: list[str] = ["DDP", "StageQuantities"]

@@ -33,8 +33,13 @@ gradients while the feedback is a sum of per-sample terms)::
     gamma_t = clip( -(mean c s + eps_v mean r.q) / (mean s^2 + eps_v mean q.q), 0, gain_max)
     gamma_t <- min(gamma_t, trust |k_t| / |d_t|)     (trust bound; 0 disables it)
 
-Defaults: gain="auto", vxx_reg=1, trust=0.3 (the literal paper policy is gain=1, vxx_reg=0,
-trust=0; it diverges at large learning rates, see docs/ddp.md).
+Defaults (outer model): gain=1, vxx_reg=0, trust=0.3: the paper's literal step on the
+factorised model (Alg. 3: one learning rate on k and K, no Tikhonov term) inside a trust
+region of 0.3 |k_t|. Chosen from the 10-seed learning-rate sweep (docs/ddp.md, "The
+paper's two claims"): without the region the literal step collapses at all but the
+smallest rates; with it, it is never below its base beyond the seed spread except at
+Adam's two largest rates and is the cheapest feedback (~1.5-1.6x Adam per step); the
+former default (auto gain, vxx_reg 1) loses at large rates and costs ~1.8-1.9x.
 
 Exact mode (``vxx="exact"``; docs/ddp.md, "Exact mode"): per sample, unnormalised
 (hats, B times the joint quantities), F^i = dx_{t+1}/dx_t, S^i = dpost/dz, abar = [a; 1]::
@@ -47,6 +52,10 @@ Exact mode (``vxx="exact"``; docs/ddp.md, "Exact mode"): per sample, unnormalise
     Vhat_xx = Qhat_xx - c_B (2 gamma - gamma^2) R + eps_v I,   c_B = 1/B ("joint") or 1
     Vhat_x = Qhat_x ("backprop")  or  Qhat_x + H^T (D abar), D = -P_t Q_u ("ddp")
     d_t = -P_t weightgrad(a_t, (H dx) / B),  u*_t = u_t + k_t + gamma d_t   (gamma = 1)
+
+``second_order=True`` expands the dynamics to the second order (per sample, autograd of
+Vhat'_x . f): Qhat_xx += d2/dx2 (Vhat'_x . f), Qhat_ux^i delta += T^i delta with
+T^i = d/dx grad_u (Vhat'_x . f); then R^i, the ddp V_x and d_t use the full Qhat_ux^i.
 
 Data parallel (``comm`` set; W ranks, equal shards of B_l = B/W samples): every sum above
 carries the 1/B_l of the local mean (delta, the eps_v r / B_l term, the gain's means), so
@@ -71,6 +80,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacfwd, jacrev, vmap
 
+from ..dynamics.activations import ACTIVATION_MODULES
 from ..ocp.errors import ConfigError, unknown_name
 from ..ocp.problem import Problem, StageRecord
 from ..ocp.stage import Controls
@@ -91,6 +101,8 @@ C_B_MODES = ("joint", "per_sample")
 TERMINAL_HESSIANS = ("exact", "outer")
 #: exact mode's default eps_v (Tikhonov term on Vhat_xx at x_t; see docs/ddp.md, Exact mode)
 EXACT_VXX_REG = 0.1
+#: parameter-free maps after a dense layer that act entry by entry (the activation modules)
+_ELEMENTWISE = tuple(ACTIVATION_MODULES.values())
 
 
 def _min_eig(mats: Tensor) -> Tensor:
@@ -100,6 +112,19 @@ def _min_eig(mats: Tensor) -> Tensor:
         return torch.linalg.eigvalsh(mats.to(torch.float64)).min().to(mats.dtype)
     except torch.linalg.LinAlgError:
         return mats.new_full((), float("nan"))
+
+
+def _hypot(norms: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """sqrt(sum of squares) of a few 0-d norms (the norm of their concatenation)."""
+    out = norms[0]
+    for n in norms[1:]:
+        out = torch.hypot(out, n)
+    return out
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> over all entries."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _rate(flags: list[Tensor], like: Tensor) -> Tensor:
@@ -123,13 +148,11 @@ class _Exact:
     H: Tensor
     P: Tensor | float | None
     k: Controls
-
-
-@dataclass
-class _Old:
-    """The controls of one stage before the update (copies, when the feedback needs them)."""
-
-    u: Controls
+    #: second_order: Qhat_ux^i delta = (H^i delta) (x) abar^i + v^i (x) (J^i delta), with H
+    #: including d/dx (S^T Vhat'_x); ``v`` = S^T Vhat'_x (B, n_z), ``J`` = [da/dx; 0]
+    #: (B, n_a+1, n) (``None`` without ``second_order``)
+    v: Tensor | None = None
+    J: Tensor | None = None
 
 
 # ------------------------------------------------------------------ the solver
@@ -145,11 +168,11 @@ class DDPNOpt(Solver):
         lr: the base optimizer's learning rate (default ``DEFAULT_LR[base]``).
         feedback: apply the feedback policy (False: exactly the base optimizer; in exact
             mode with ``vx="ddp"`` the base is fed the DDP Q_u).
-        gain: the feedback gain gamma, a number or ``"auto"`` (see above). Default:
-            ``"auto"`` (outer), 1 (exact, where ``"auto"`` is refused).
+        gain: the feedback gain gamma, a number or ``"auto"`` (see above). Default: 1 (the
+            paper's; in exact mode ``"auto"`` is refused).
         gain_max: the upper clip of the auto gain. ``StepInfo.extra["clip_rate"]`` is the
             fraction of feedback stages where the auto gain was clipped at 0 or gain_max.
-        vxx_reg: eps_v, the Tikhonov term: on the per-sample V_hh (outer, default 1), or on
+        vxx_reg: eps_v, the Tikhonov term: on the per-sample V_hh (outer, default 0), or on
             Vhat_xx at every x_t, t < T (exact, default ``EXACT_VXX_REG``).
         curvature_floor: the feedback uses lr / max(denom, floor * mean(denom)) per tensor
             for the adaptive bases (guards dead inputs/units whose denom is ~eps).
@@ -167,7 +190,16 @@ class DDPNOpt(Solver):
             joint-batch DDP, default) or ``"per_sample"`` (1, Eq. 5 per sample).
         terminal_hessian: exact mode's Vhat_xx^T: ``"exact"`` (per-sample d2 phi, default)
             or ``"outer"`` (ghat ghat^T, for ablations).
+        second_order: exact mode: expand the dynamics to the second order (the paper's
+            "fully expanded" case): Qhat_xx += d2/dx2 (Vhat'_x . f), Qhat_ux += d/dx
+            grad_u (Vhat'_x . f) per sample (default False: Gauss-Newton in the dynamics).
         **options: the base optimizer's options (betas, eps, alpha, momentum, ...).
+
+    Presets (``make_solver("ddpnopt", problem, preset="paper")``): ``paper`` =
+    ``vxx="exact", gain=1, trust=0`` (Alg. 3 of the paper: the exact per-sample V_xx and
+    terminal Hessian, one learning rate on k and K, no cap; docs/ddp.md, "DDPNOpt as the
+    paper defines it"). It is not the default: the exact model holds dense per-sample
+    matrices (dense and residual layers of widths up to ~64) and costs 12-25x Adam's step.
     """
 
     name = "ddpnopt"
@@ -178,7 +210,7 @@ class DDPNOpt(Solver):
                  damping: float = 1e-3, ema: float = 0.95, kfac_every: int = 1,
                  trust: float | None = None, vxx: str = "outer", vx: str = "backprop",
                  c_b: str = "joint", terminal_hessian: str = "exact",
-                 **options: Any) -> None:
+                 second_order: bool = False, **options: Any) -> None:
         super().__init__(problem)
         if base not in BASES:
             raise unknown_name("ddpnopt base optimizer", base, BASES)
@@ -189,10 +221,16 @@ class DDPNOpt(Solver):
                 raise unknown_name(f"ddpnopt {opt} option", value, valid)
         self.exact = vxx == "exact"
         self.vxx, self.vx, self.c_b, self.terminal_hessian = vxx, vx, c_b, terminal_hessian
+        if second_order and not self.exact:
+            raise ConfigError(
+                "ddpnopt second_order=True adds the dynamics' second-order terms "
+                "(Vhat'_x . f_ux, Vhat'_x . f_xx) to the exact per-sample model; the "
+                "outer-product model has no place for them. Use vxx='exact' with it")
+        self.second_order = bool(second_order)
         if gain is None:
-            gain = 1.0 if self.exact else "auto"
+            gain = 1.0
         if vxx_reg is None:
-            vxx_reg = EXACT_VXX_REG if self.exact else 1.0
+            vxx_reg = EXACT_VXX_REG if self.exact else 0.0
         if trust is None:
             trust = 0.0 if self.exact else 0.3
         if self.exact and gain == "auto":
@@ -233,6 +271,9 @@ class DDPNOpt(Solver):
         #: t, dx (xhat_t - x_t), d (the feedback direction d_t), gamma, c (the weights c_i)
         self.debug = False
         self.last_debug: list[dict[str, Any]] = []
+        #: exact mode: report ``vxx_min_eig`` (an eigendecomposition of every Vhat_xx, 10-20 %
+        #: of a step); set False to skip it (the entry is then NaN)
+        self.diagnostics = True
         self.params = problem.parameters()
         if not self.params:
             raise ConfigError(f"{problem!r} has no controls to optimise")
@@ -296,36 +337,60 @@ class DDPNOpt(Solver):
 
     # -------------------------------------------------------------- the step
     @torch.no_grad()
-    def _base_step(self, grads: list[Controls], records: list[StageRecord | None]) -> None:
+    def _base_step(self, grads: list[Controls], records: list[StageRecord | None]
+                   ) -> list[Controls]:
+        """Apply the base optimizer's step k_t to every stage; returns the k_t per stage
+        (the feedback's trust bound and its V_hh term read them; no copies of controls)."""
+        stages = self.problem.stages
         if self.curvature is not None:
             flat = [g for gs in grads for g in gs]
             k, self.state = self.curvature.update(flat, self.state)
             torch._foreach_add_(self.params, k)
-            return
-        for t, stage in enumerate(self.problem.stages):
+            out, i = [], 0
+            for stage in stages:
+                out.append(tuple(k[i:i + len(stage.controls)]))
+                i += len(stage.controls)
+            return out
+        out = []
+        for t, stage in enumerate(stages):
             if not stage.controls:
+                out.append(())
                 continue
             self._kfac_factors(t, self.affines[t], records[t], stage.controls[0].shape)
-            for u, k in zip(stage.controls, self.kronecker.apply(
-                    self.state, t, grads[t], self.affines[t].has_bias), strict=True):
+            steps = self.kronecker.apply(self.state, t, grads[t], self.affines[t].has_bias)
+            for u, k in zip(stage.controls, steps, strict=True):
                 u.sub_(k)
+            out.append(tuple(-k for k in steps))
+        return out
 
     def _feedback_pass(self, x0: Tensor, y: Tensor | None, xs: list[Tensor],
-                       records: list[StageRecord | None], old: list[_Old | None]
+                       records: list[StageRecord | None], ks: list[Controls]
                        ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
         """The new trajectory under u*_t = u_t + k_t + gamma_t d_t (``Problem.policy_rollout``):
-        each stage's feedback is applied in place before the stage is evaluated."""
+        each stage's feedback is applied in place before the stage is evaluated. ``ks``: the
+        base steps k_t already applied (u_t = controls - k_t at the time of the call)."""
         B = x0.shape[0]  # noqa: N806
         gains: list[Tensor] = []
+        raw: list[Tensor] = []  # the auto gains before the clip (for clip_rate)
         bound: list[Tensor] = []
-        clipped: list[Tensor] = []
         self.last_debug = []
         P = None if self.kronecker is not None else self._inverse_curvatures()  # noqa: N806
         offsets, k = [], 0
         for stage in self.problem.stages:
             offsets.append(k)
             k += len(stage.controls)
+        # |k_t| of every stage from one foreach call (the trust bound)
+        k_norms: list[Tensor | None] = []
+        if self.trust > 0:
+            flat = [v for kt in ks for v in kt]
+            norms = torch._foreach_norm(flat) if flat else []
+            i = 0
+            for kt in ks:
+                k_norms.append(_hypot(norms[i:i + len(kt)]) if kt else None)
+                i += len(kt)
         moved = [False]  # whether xhat can differ from x (a controlled stage came before)
+        fixed = None if self.gain == "auto" else torch.as_tensor(
+            float(self.gain), dtype=x0.dtype, device=x0.device)
 
         def policy(t: int, xhat: Tensor) -> None:
             stage, aff, rec = self.problem.stages[t], self.affines[t], records[t]
@@ -334,18 +399,21 @@ class DDPNOpt(Solver):
                 c = (rec.dx * dx).reshape(B, -1).sum(1).mul_(B)
                 cot = rec.dz * c.reshape((B,) + (1,) * (rec.dz.dim() - 1))
                 r = None
-                if self.vxx_reg > 0:
-                    r = aff.lin(aff.pre(xhat) - rec.a, (old[t].u[0],), bias=False)
+                if self.vxx_reg > 0:  # h-change from the input at the old weights u - k
+                    w_old = stage.controls[0] - ks[t][0]
+                    r = aff.lin(aff.pre(xhat) - rec.a, (w_old,), bias=False)
                     cot.add_(r, alpha=self.vxx_reg / B)
                 wg = aff.weight_grad(rec.a, cot, stage.controls[0].shape)
                 wg = tuple(self.reduce_mean(list(wg)))  # a local batch mean per rank
                 d = self._precondition(t, offsets[t], wg, P)  # d_t = -this
-                gamma = self._gain(aff, rec, d, c, r, B, x0, clipped)
+                if fixed is None:
+                    gamma = self._gain(aff, rec, d, wg, r, B, raw)
+                else:
+                    gamma = fixed
                 if self.trust > 0:  # |gamma d| <= trust |k|
-                    k_sq = sum(((u - u0) ** 2).sum() for u, u0 in zip(stage.controls, old[t].u,
-                                                                     strict=True))
-                    d_sq = sum((v * v).sum() for v in d)
-                    cap = torch.nan_to_num_(self.trust * torch.sqrt(k_sq / d_sq), 0.0, 0.0, 0.0)
+                    d_norm = _hypot(torch._foreach_norm(d))
+                    cap = torch.nan_to_num_(k_norms[t].div(d_norm).mul_(self.trust), 0.0, 0.0,
+                                            0.0)
                     bound.append(cap < gamma)
                     gamma = torch.minimum(gamma, cap)
                 gains.append(gamma)
@@ -362,27 +430,34 @@ class DDPNOpt(Solver):
         with torch.no_grad():  # Phi along the new trajectory is all it reports
             traj = self.problem.policy_rollout(x0, y, policy, costs=False)
         (after,) = self.reduce_mean([traj.objective])
-        return after, gains, _rate(bound, x0), _rate(clipped, x0)
+        clip = x0.new_zeros(())
+        if raw:  # clipped at 0 or gain_max, or not finite
+            g = torch.stack(raw)
+            clip = (~((g >= 0) & (g <= self.gain_max))).to(x0.dtype).mean()
+        return after, gains, _rate(bound, x0), clip
 
-    def _gain(self, aff: Affine, rec: StageRecord, d: tuple[Tensor, ...], c: Tensor,
-              r: Tensor | None, B: int, like: Tensor, clipped: list[Tensor]  # noqa: N803
+    def _gain(self, aff: Affine, rec: StageRecord, d: tuple[Tensor, ...],
+              wg: tuple[Tensor, ...], r: Tensor | None, B: int, raw: list[Tensor]  # noqa: N803
               ) -> Tensor:
-        """gamma_t; ``d`` here is -d_t (the gain formula is written for d_t). Appends to
-        ``clipped`` whether the auto gain was clipped to [0, gain_max] (or not finite)."""
-        if self.gain != "auto":
-            return torch.as_tensor(float(self.gain), dtype=like.dtype, device=like.device)
+        """The auto gain; ``d`` here is -d_t = P wg (the formula is written for d_t), ``wg``
+        the feedback's weight-gradient. Appends the unclipped gain to ``raw``.
+
+        The numerator sum_i (c_i s_i + eps_v r_i . q_i) (per-sample unnormalised) equals
+        <d, wg> up to the sign: both are sum_i cot_i . q_i with q_i = lin(a_i, d), by the
+        adjoint of the weight-gradient; only the denominator needs q."""
         q = aff.lin(rec.a, d, bias=aff.has_bias)  # -(h-change of the samples caused by d_t)
         s = (rec.dz * q).reshape(B, -1).sum(1)  # -s_i / B
-        num = (c * s).mean() * B
-        den = (s * s).mean() * (B * B)
+        num = _dot(d[0], wg[0])
+        for a, b in zip(d[1:], wg[1:], strict=True):
+            num = num + _dot(a, b)
+        den = torch.dot(s, s).mul_(B)
         if r is not None:
-            num = num + self.vxx_reg * (r * q).sum() / B
-            den = den + self.vxx_reg * (q * q).sum() / B
+            den.add_(_dot(q, q), alpha=self.vxx_reg / B)
         if self.comm is not None:  # both are local batch means
             num, den = self.reduce_mean([num, den])
         gamma = num / den  # = -(mean c s + eps mean r.q) / (mean s^2 + eps mean q.q) for d_t
-        clipped.append(~((gamma >= 0) & (gamma <= self.gain_max)))  # incl. non-finite
-        return torch.nan_to_num_(gamma, 0.0, 0.0, 0.0).clamp_(0.0, self.gain_max)
+        raw.append(gamma)
+        return gamma.nan_to_num(0.0, 0.0, 0.0).clamp_(0.0, self.gain_max)
 
     def _step(self, x0: Tensor, y: Tensor | None) -> StepInfo:
         if self.exact:
@@ -392,13 +467,10 @@ class DDPNOpt(Solver):
         norm = grad_norm(grads)
         if self.finite_gate(J, norm) is False:  # nothing changed yet: the base step is skipped
             return StepInfo(loss=J, accepted=False, grad_norm=norm, reason=GATE_REASON)
-        keep = self.feedback and (self.vxx_reg > 0 or self.trust > 0)
-        old = [_Old(tuple(v.detach().clone() for v in s.controls)) if keep and s.controls
-               else None for s in self.problem.stages]
-        self._base_step(grads, traj.records)
+        ks = self._base_step(grads, traj.records)
         extra: dict[str, Any] = {}
         if self.feedback:
-            after, gains, rate, clip = self._feedback_pass(x0, y, traj.xs, traj.records, old)
+            after, gains, rate, clip = self._feedback_pass(x0, y, traj.xs, traj.records, ks)
             extra = {"loss_after_phi": after, "gains": gains, "cap_rate": rate,
                      "clip_rate": clip}
         return StepInfo(loss=J, accepted=True, grad_norm=norm, extra=extra)
@@ -432,22 +504,42 @@ class DDPNOpt(Solver):
             return self.lr * (st["Ginv"] @ mat @ st["Ainv"])
         return P * mat
 
-    def _r_matrix(self, t: int, P: Tensor | float | None, H: Tensor, abar: Tensor  # noqa: N803
-                  ) -> Tensor:
+    def _r_matrix(self, t: int, P: Tensor | float | None, H: Tensor, abar: Tensor,  # noqa: N803
+                  v: Tensor | None = None, J: Tensor | None = None) -> Tensor:  # noqa: N803
         """R^i = Qhat_ux^iT P Qhat_ux^i (B, n, n).
 
         Diagonal P: R^i = H^T diag(rho^i) H, rho_k^i = sum_l P_kl (abar_l^i)^2; Kronecker:
-        R^i = lr (abar^iT (A+)^-1 abar^i) H^T (G+)^-1 H.
+        R^i = lr (abar^iT (A+)^-1 abar^i) H^T (G+)^-1 H. With the second-order part
+        Qhat_ux delta += v (x) (J delta) (``v``, ``J``) the cross terms C + C^T and
+        J^T diag(sigma) J are added (diagonal: C = H^T (P . v abar^T) J, sigma_l =
+        sum_k P_kl v_k^2; Kronecker: C = lr (H^T G^-1 v)(J^T A^-1 abar)^T and
+        lr (v^T G^-1 v) J^T A^-1 J).
         """
         Ht = H.transpose(1, 2)  # noqa: N806
         if self.kronecker is not None:
             st = self.state[t]
             s = self.lr * torch.einsum("bi,ij,bj->b", abar, st["Ainv"], abar)
-            return s[:, None, None] * (Ht @ st["Ginv"] @ H)
+            R = s[:, None, None] * (Ht @ st["Ginv"] @ H)  # noqa: N806
+            if v is None:
+                return R
+            gv = v @ st["Ginv"]  # (B, n_z); Ginv is symmetric
+            C = self.lr * (torch.einsum("bzn,bz->bn", H, gv)[:, :, None]  # noqa: N806
+                           * torch.einsum("bln,bl->bn", J, abar @ st["Ainv"])[:, None, :])
+            third = self.lr * (gv * v).sum(1)[:, None, None] * (
+                J.transpose(1, 2) @ st["Ainv"] @ J)
+            return R + C + C.transpose(1, 2) + third
         sq = abar * abar
         rho = sq @ P.T if isinstance(P, Tensor) else (P * sq.sum(1, keepdim=True)).expand(
             -1, H.shape[1])
-        return Ht @ (rho[:, :, None] * H)
+        R = Ht @ (rho[:, :, None] * H)  # noqa: N806
+        if v is None:
+            return R
+        mx = P * (v[:, :, None] * abar[:, None, :])  # (B, n_z, n_a+1)
+        C = Ht @ mx @ J  # noqa: N806
+        vv = v * v
+        sigma = vv @ P if isinstance(P, Tensor) else (P * vv.sum(1, keepdim=True)).expand(
+            -1, J.shape[1])
+        return R + C + C.transpose(1, 2) + J.transpose(1, 2) @ (sigma[:, :, None] * J)
 
     def _terminal_value(self, x_T: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:  # noqa: N803
         """Vhat_x^T (B, n) = B dJ/dx_T = d phi(x_T^i, y^i) and Vhat_xx^T (B, n, n): the exact
@@ -484,13 +576,76 @@ class DDPNOpt(Solver):
     def _affine_jacobians(aff: Affine, x: Tensor, u: Controls, z: Tensor
                           ) -> tuple[Tensor, Tensor]:
         """Per-sample F^i = dx'/dx (B, n', n) and S^i = dpost(a, z)/dz (B, n', n_z) of
-        x' = post(a, lin(a, u) + e), a = pre(x), at e = 0, in one vmap(jacrev)."""
+        x' = post(a, lin(a, u) + e), a = pre(x), at e = 0.
+
+        A dense stage without before/after maps (the activations of the table are
+        elementwise): S = diag(s), F = [I] + diag(s) W, s = act'(z) (times the residual
+        step), one jvp. Otherwise one vmap(jacrev) of the stage."""
+        elementwise_after = all(isinstance(m, _ELEMENTWISE) for m in aff.after)
+        if (aff.kind == "linear" and not aff.before and z.dim() == 2
+                and (not aff.after or (aff.step is None and elementwise_after))):
+            a = x.detach()
+            s = torch.func.jvp(lambda v: aff.post(a, v), (z.detach(),),
+                               (torch.ones_like(z),))[1]
+            if aff.step is not None:  # x' = a + h act(z): s = h act'(z), F = I + diag(s) W
+                s = torch.func.jvp(aff.activation, (z.detach(),), (torch.ones_like(z),))[1]
+                s = s * aff.step
+            F = s[:, :, None] * u[0][None]  # noqa: N806
+            if aff.step is not None:
+                F = F + torch.eye(F.shape[1], dtype=F.dtype, device=F.device)  # noqa: N806
+            return F, torch.diag_embed(s)
+
         def single(xi: Tensor, ei: Tensor) -> Tensor:
             a = aff.pre(xi.unsqueeze(0))
             return aff.post(a, aff.lin(a, u) + ei.unsqueeze(0)).reshape(-1)
 
         fx, s = vmap(jacrev(single, argnums=(0, 1)))(x.detach(), torch.zeros_like(z))
         return fx.reshape(x.shape[0], fx.shape[1], -1), s
+
+    def _second_order_terms(self, t: int, x: Tensor, u: Controls, v_x: Tensor, full: bool
+                            ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The dynamics' second-order terms of stage t, per sample (``second_order``):
+        d2/dx2 (Vhat'_x . f) (B, n, n) when ``full``; for an affine stage also
+        dv/dx (B, n_z, n) and J = [da/dx; 0] (B, n_a+1, n) (None for a control-free stage).
+
+        grad_u (Vhat'_x . f) = v (x) abar with v = S^T Vhat'_x (Vhat'_x held fixed), so
+        d/dx grad_u (Vhat'_x . f) delta = ((dv/dx) delta) (x) abar + v (x) (J delta): the
+        dv/dx part joins H, the second is kept as (v, J); no m x n matrix is formed."""
+        shape = x.shape[1:]
+        xf, vv = x.detach().reshape(x.shape[0], -1), v_x.detach()
+
+        def vf(xi: Tensor, vi: Tensor) -> Tensor:
+            return (vi * self.problem.step(t, xi.reshape((1,) + shape), u).reshape(-1)).sum()
+
+        hxx = vmap(jacfwd(grad(vf)))(xf, vv) if full else None
+        aff = self.affines[t]
+        if not u:
+            return hxx, None, None
+
+        def v_of(xi: Tensor, vi: Tensor) -> Tensor:  # v = d (Vhat'_x . post(a, z)) / dz
+            a = aff.pre(xi.reshape((1,) + shape))
+            z = aff.lin(a, u)
+
+            def outer(e: Tensor) -> Tensor:
+                return (vi * aff.post(a, z + e).reshape(-1)).sum()
+
+            return grad(outer)(torch.zeros_like(z)).reshape(-1)
+
+        def a_of(xi: Tensor) -> Tensor:
+            return aff.pre(xi.reshape((1,) + shape)).reshape(-1)
+
+        dv = vmap(jacfwd(v_of))(xf, vv)  # (B, n_z, n)
+        da = vmap(jacfwd(a_of))(xf)  # (B, n_a, n)
+        if aff.has_bias:
+            da = torch.cat([da, da.new_zeros(da.shape[0], 1, da.shape[2])], 1)
+        return hxx, dv, da
+
+    def _dense_qux(self, st: _Exact) -> Tensor:
+        """Qhat_ux^i in the layout (B, n, n_z, n_a+1): (H^T) (x) abar (+ v (x) J)."""
+        qux = st.H.transpose(1, 2)[:, :, :, None] * st.abar[:, None, None, :]
+        if st.v is not None:
+            qux = qux + st.v[:, None, :, None] * st.J.permute(0, 2, 1)[:, :, None, :]
+        return qux
 
     def _stage_state(self, offset: int, n: int) -> dict[str, Any]:
         """The base optimizer's state restricted to the control tensors offset..offset+n
@@ -544,8 +699,11 @@ class DDPNOpt(Solver):
                 F = self._state_jacobian(t, x)  # noqa: N806
                 q_x = torch.einsum("bon,bo->bn", F, v_x)
                 q_xx = F.transpose(1, 2) @ v_xx @ F
+                if self.second_order:
+                    q_xx = q_xx + self._second_order_terms(t, x, (), v_x, True)[0]
                 v_x, v_xx = q_x, q_xx + reg
-                eigs[t] = _min_eig(v_xx)
+                if self.diagnostics:
+                    eigs[t] = _min_eig(v_xx)
                 if self.debug:
                     self.last_backward[t] = {"Q_x": q_x, "Q_xx": q_xx, "V_x": v_x, "V_xx": v_xx}
                 continue
@@ -561,8 +719,16 @@ class DDPNOpt(Solver):
             F, S = self._affine_jacobians(aff, x, u, z)  # noqa: N806
             q_x = torch.einsum("bon,bo->bn", F, v_x)
             q_xx = F.transpose(1, 2) @ v_xx @ F if full else None
+            v2 = J2 = None  # noqa: N806
+            if self.second_order:
+                hxx, dv, J2 = self._second_order_terms(t, x, u, v_x, full)  # noqa: N806
             v_h = torch.einsum("boz,bo->bz", S, v_x)  # = B dJ/dz for vx="backprop"
             H = S.transpose(1, 2) @ v_xx @ F  # noqa: N806
+            if self.second_order:
+                H = H + dv  # noqa: N806
+                v2 = v_h
+                if full:
+                    q_xx = q_xx + hxx
             w_shape = u[0].shape
             l_u = tuple(g - w for g, w in zip(grads[t], aff.weight_grad(a, rec.dz, w_shape),
                                               strict=True))
@@ -586,22 +752,25 @@ class DDPNOpt(Solver):
                 inv = self._inverse_curvatures(sub)
                 P = inv if isinstance(inv, float) else self._join(aff, inv)  # noqa: N806
             abar = torch.cat([a, a.new_ones(B, 1)], 1) if aff.has_bias else a
-            out[t] = _Exact(a, abar, H, P, k)
+            out[t] = _Exact(a, abar, H, P, k, v2, J2)
             if not full:
                 continue
-            R = self._r_matrix(t, P, H, abar)  # noqa: N806
+            R = self._r_matrix(t, P, H, abar, v2, J2)  # noqa: N806
             v_x_new = q_x
             if self.vx == "ddp":
                 D = -self._apply_p(t, P, self._join(aff, q_u))  # noqa: N806
                 v_x_new = q_x + torch.einsum("bzn,bz->bn", H, abar @ D.T)
+                if v2 is not None:
+                    v_x_new = v_x_new + torch.einsum("bln,bl->bn", J2, v2 @ D)
             v_xx_new = q_xx - c_b * R + reg
             if self.debug:
                 self.last_backward[t] = {
                     "Q_u": q_u, "Q_u_sweep": q_u_sweep, "V_h": v_h, "H": H, "Q_x": q_x,
                     "Q_xx": q_xx, "R": R, "V_x": v_x_new, "V_xx": v_xx_new, "k": k, "P": P,
-                    "abar": abar}
+                    "abar": abar, "v": v2, "J": J2}
             v_x, v_xx = v_x_new, v_xx_new
-            eigs[t] = _min_eig(v_xx)
+            if self.diagnostics:
+                eigs[t] = _min_eig(v_xx)
         if self.curvature is not None and new_state:
             state = dict(self.state)
             for key, val in new_state.items():
@@ -619,7 +788,7 @@ class DDPNOpt(Solver):
         controls of stage t flattened W then b). For tests and small networks."""
         st, aff = self._last_exact[t], self.affines[t]
         B = st.H.shape[0]  # noqa: N806
-        qux = st.H.transpose(1, 2)[:, :, :, None] * st.abar[:, None, None, :]  # (B,n,n_z,n_a+1)
+        qux = self._dense_qux(st)  # (B, n, n_z, n_a+1)
         pq = self._apply_p(t, st.P, qux)
         parts = [v.reshape(B, v.shape[1], -1) for v in self._split(aff, pq)]
         return -torch.cat(parts, 2).transpose(1, 2) / B
@@ -641,6 +810,8 @@ class DDPNOpt(Solver):
                 dx = (xhat - xs[t]).reshape(B, -1)
                 hdx = torch.einsum("bzn,bn->bz", st.H, dx)
                 wg = self._join(aff, aff.weight_grad(st.a, hdx / B, stage.controls[0].shape))
+                if st.v is not None:  # second_order: sum_i v^i (x) (J^i dx^i) / B
+                    wg = wg + st.v.T @ torch.einsum("bln,bn->bl", st.J, dx) / B
                 d = self._split(aff, -self._apply_p(t, st.P, wg))
                 gamma = gain
                 if self.trust > 0:  # |gamma d| <= trust |k|
@@ -712,8 +883,12 @@ def _factory(problem: Problem, lr: float | None = None, **options: Any) -> DDPNO
 
 
 register("ddpnopt", _factory, "DDPNOpt: layer-wise DDP feedback policy on a base optimizer's "
-         "curvature (base=sgd|momentum|rmsprop|adam|kfac, gain=auto|number, vxx_reg, "
+         "curvature (base=sgd|momentum|rmsprop|adam|kfac, gain=number|auto, vxx_reg, trust, "
          "vxx=outer|exact)",
          solver_class=DDPNOpt, default_lr=DEFAULT_LR["adam"], lr_defaults=("base", DEFAULT_LR),
          data_parallel=True, cost="first-order-feedback",
-         options=(DDPNOpt, SGD, RMSprop, Adam))
+         options=(DDPNOpt, SGD, RMSprop, Adam),
+         # paper: Liu, Chen & Theodorou, ICLR 2021, Alg. 3 (docs/ddp.md, "DDPNOpt as the
+         # paper defines it", items 4, 6 and 8): exact per-sample V_xx with the exact
+         # terminal Hessian, one learning rate on k and K (gain 1), no cap on the feedback
+         presets={"paper": {"vxx": "exact", "gain": 1.0, "trust": 0.0}})

@@ -29,6 +29,13 @@ OPTIMIZERS = {
     "adam": torch.optim.Adam,
 }
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "rmsprop": 1e-3, "adam": 1e-3}
+#: the presets of each gradient solver (see :class:`GradientSolver` for the sources)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "sgd": {"paper": {"momentum": 0.0, "dampening": 0.0, "nesterov": False}},
+    "momentum": {"paper": {"momentum": 0.9, "dampening": 0.0, "nesterov": False}},
+    "rmsprop": {"paper": {"alpha": 0.9, "momentum": 0.0, "centered": False}},
+    "adam": {"paper": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False}},
+}
 
 
 class GradientSolver(Solver):
@@ -42,6 +49,24 @@ class GradientSolver(Solver):
         **options: the base optimizer's options, named as in ``torch.optim``
             (``momentum``, ``dampening``, ``nesterov``; ``alpha``, ``eps``, ``centered``;
             ``betas``, ``eps``, ``amsgrad``).
+
+    Presets (``make_solver(name, problem, preset="paper")``, :data:`PRESETS`):
+
+    - ``adam``: paper = ``lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=False``, the
+      "good default settings" of Kingma & Ba, ICLR 2015, Algorithm 1. These are also
+      ocnet's (and torch.optim's) defaults.
+    - ``rmsprop``: paper = ``alpha=0.9, momentum=0, centered=False``: the moving average of
+      the squared gradient with factor 0.9 of Tieleman & Hinton, COURSERA lecture 6.5
+      (2012), the method's only source. The lecture gives no ``eps`` and no learning rate, so
+      those stay ocnet's (``eps=1e-8``, ``lr=DEFAULT_LR["rmsprop"]``). The default
+      ``alpha`` stays torch.optim's 0.99, so that the solver remains torch's twin.
+    - ``momentum``: paper = ``momentum=0.9, dampening=0, nesterov=False``: Polyak's heavy
+      ball (1964, which fixes no value) with the momentum 0.9 of Krizhevsky, Sutskever &
+      Hinton (NeurIPS 2012) and of the practice that followed: a convention more than one
+      paper's value. The same as ocnet's default. No paper fixes its learning rate.
+    - ``sgd``: paper = ``momentum=0, dampening=0, nesterov=False`` (Robbins & Monro 1951:
+      plain stochastic gradient steps); the same as the defaults. No paper fixes its
+      learning rate.
     """
 
     def __init__(self, problem: Problem, optimizer: str = "adam", lr: float | None = None,
@@ -116,4 +141,4 @@ for _name, _summary in [
     register(_name, lambda problem, _o=_name, **kw: GradientSolver(problem, _o, **kw), _summary,
              solver_class=GradientSolver, default_lr=DEFAULT_LR[_name], data_parallel=True,
              cost="first-order", options=(GradientSolver, FIRST_ORDER[_name]),
-             fixed=("optimizer",))
+             fixed=("optimizer",), presets=PRESETS[_name])

@@ -114,6 +114,10 @@ class IpoptReference(Solver):
     in ``extra``: ``objective`` (after, a tensor), ``status`` (IPOPT's return status),
     ``iterations``, ``success``, ``ipopt_objective`` (IPOPT's own value, a float),
     ``grad_norm_after`` (the autograd gradient norm at the solution, a tensor).
+
+    Presets: none (``preset="paper"`` is refused). This is an exact reference, not a
+    published training method: there is no paper configuration to reproduce, and its
+    defaults (tol 1e-10, exact Hessian) are chosen for exactness tests (docs/ipopt.md).
     """
 
     name = "ipopt"
@@ -198,4 +202,4 @@ class IpoptReference(Solver):
 register("ipopt", lambda problem, lr=None, **kw: IpoptReference(problem, lr, **kw),
          "IPOPT on the single-shooting NLP (CasADi): the exact optimum of a small problem",
          solver_class=IpoptReference, default_lr=None, cost="nlp-dense", max_controls=3000,
-         host_sync=True, on_device=False, reference=True)
+         host_sync=True, on_device=False, reference=True, presets={})

@@ -63,7 +63,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ocp.errors import ConfigError, unknown_name
+from ..dynamics.activations import ACTIVATION_MODULES, ACTIVATIONS
+from ..ocp.errors import CapabilityError, ConfigError, unknown_name
 from ..ocp.problem import Problem
 from ..ocp.stage import Controls
 from .base import Solver, StepInfo, grad_norm, register
@@ -206,9 +207,10 @@ class _Layout:
         """Per-layer dot products of two flat vectors: shape (L,)."""
         return self.seg_sum(a * b)
 
-    def combine(self, C: Tensor, M: Tensor, v: Tensor, s: Tensor) -> Tensor:  # noqa: N803
+    def combine(self, C: Tensor, M: Tensor, v: Tensor, s: Tensor,  # noqa: N803
+                out: Tensor | None = None) -> Tensor:
         """s v + sum_j C[j] M[j] per layer: C (r, L), M (r, numel), v (numel,), s (L,)."""
-        out = torch.empty_like(v)
+        out = torch.empty_like(v) if out is None else out
         for o_, c, m, w, sc in zip(self.run_views(out), self._coef_runs(C), self.run_views(M),
                                    self.run_views(v), self.run_scalars(s), strict=True):
             # (k, 1, r) @ (k, r, n) -> (k, 1, n), then + s v
@@ -223,9 +225,11 @@ class _Layout:
             j += k
         return out
 
-    def scale(self, v: Tensor, s: Tensor, add: Tensor | None = None) -> Tensor:
-        """``add + s v`` (``add`` None: ``s v``) with s per layer (L,), as a flat vector."""
-        out = torch.empty_like(v)
+    def scale(self, v: Tensor, s: Tensor, add: Tensor | None = None,
+              out: Tensor | None = None) -> Tensor:
+        """``add + s v`` (``add`` None: ``s v``) with s per layer (L,), as a flat vector
+        (or rows of flat vectors, (..., numel)); ``out`` may be ``v`` or ``add``."""
+        out = torch.empty_like(v) if out is None else out
         adds = self.run_views(add) if add is not None else [None] * len(self.runs)
         for o_, w, sc, a in zip(self.run_views(out), self.run_views(v), self.run_scalars(s),
                                 adds, strict=True):
@@ -268,6 +272,233 @@ class _Frozen:
     batch: int
     #: the controls the other stages of a coupled cost are held at (None: no couplings)
     reference: list[Controls] | None = None
+    #: the closed-form evaluation's stacked frozen tensors (None: not built yet; False: the
+    #: autograd evaluation applies)
+    closed: Any = None
+
+
+# ---------------------------------------------------------------------------- closed form
+#: activations whose first two derivatives the closed-form evaluation knows
+CLOSED_FORM_ACTIVATIONS = ("identity", "tanh", "relu")
+
+
+@dataclass(frozen=True)
+class _DenseSpec:
+    """x+ = act(x W^T + b) (``step`` None) or x + step act(x W^T + b); W is (m, n)."""
+
+    m: int
+    n: int
+    bias: bool      # b is a control (else the fixed bias, or none)
+    act: str        # one of CLOSED_FORM_ACTIVATIONS
+    step: float | None
+
+    @property
+    def size(self) -> int:
+        return self.m * self.n + (self.m if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class _DenseGroup:
+    """Consecutive layers with one spec: layers first..first+count-1, at ``offset`` of z."""
+
+    first: int
+    count: int
+    offset: int
+    spec: _DenseSpec
+    stages: tuple[int, ...]
+
+
+@dataclass
+class _DenseFrozen:
+    """One group's frozen tensors, stacked (k, B, .) once per outer step."""
+
+    A: Tensor               # x_t                      (k, B, n)
+    hP: Tensor              # h p_{t+1}                (k, B, m)
+    negHP: Tensor           # -h p_{t+1}
+    D0: Tensor              # c x_t - x_{t+1}          (c = 1 residual, 0 plain)
+    PinC: Tensor            # p_t - c p_{t+1}
+    H0: Tensor | None       # c p_{t+1} . x_t per layer (k,)
+    bias: Tensor | None     # the fixed bias (k, 1, m) when b is not a control
+
+
+def _dense_spec(problem: Problem, t: int) -> _DenseSpec | None:
+    """Stage t as a dense layer the closed form covers (None: it does not)."""
+    stage = problem.stages[t]
+    if stage.has_cost:
+        return None
+    try:
+        aff = problem.affine(t, needed_by="E-MSA's closed-form evaluation")
+    except CapabilityError:
+        return None
+    if aff is None or aff.kind != "linear" or aff.before:
+        return None
+    act, step = aff.activation_name, aff.step
+    if ACTIVATIONS.get(act) is not aff.activation:
+        return None
+    if aff.after:  # a to_problem layer: nn.Linear, then its activation module
+        if step is not None or act != "identity" or len(aff.after) != 1:
+            return None
+        names = [k for k, v in ACTIVATION_MODULES.items() if type(aff.after[0]) is v]
+        if not names:
+            return None
+        act = names[0]
+    if act not in CLOSED_FORM_ACTIVATIONS:
+        return None
+    u = stage.controls
+    w = u[0]
+    if w.dim() != 2 or len(u) != (2 if aff.has_bias else 1):
+        return None
+    if aff.has_bias and u[1].shape != w.shape[:1]:
+        return None
+    if not aff.has_bias and aff.fixed_bias is not None and aff.fixed_bias.shape != w.shape[:1]:
+        return None
+    if step is not None and w.shape[0] != w.shape[1]:
+        return None
+    return _DenseSpec(int(w.shape[0]), int(w.shape[1]), bool(aff.has_bias), act,
+                      None if step is None else float(step))
+
+
+def _vdot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-layer dot products of two (k, ...) tensors: (k,), one batched product."""
+    k = a.shape[0]
+    return torch.bmm(a.reshape(k, 1, -1), b.reshape(k, -1, 1)).view(k)
+
+
+class _DenseClosedForm:
+    """Htilde_t and its gradient in closed form for dense layers (no autograd).
+
+    For x+ = c x + h act(z), z = x W^T + b (c = 1, h = step: residual; c = 0, h = 1: plain),
+    with y = act(z), s1 = act'(z), s2 = act''(z), delta = h p_{t+1} s1 (rows of the batch):
+
+        H = c p_{t+1}.x + h p_{t+1}.y,   dH/dx = c p_{t+1} + delta W,
+        dx = x+ - x_{t+1},  r = p_t - dH/dx,   phi = -H + wx |dx|^2 + wp |r|^2,
+        dphi/dz = h s1 (2 wx dx - p_{t+1}) + 4 wp h p_{t+1} y s1 (r W^T)   (tanh: s2 = -2 y s1;
+                  identity, relu: s2 = 0, no second term),
+        dphi/dW = (dphi/dz)^T x - 2 wp delta^T r,   dphi/db = sum over the batch of dphi/dz.
+
+    Five products per layer (z = x W^T, delta W, r W^T, and the weight gradient as one bmm
+    and one baddbmm): the matrix products of the autograd evaluation's forward pass,
+    vector-Jacobian product and double backward, with none of its graph. Consecutive
+    layers with one spec (a residual stack) are one group of batched products, so an
+    evaluation runs the same operators whatever the depth.
+    """
+
+    def __init__(self, groups: list[_DenseGroup]) -> None:
+        self.groups = groups
+
+    @classmethod
+    def build(cls, problem: Problem, lay: _Layout) -> _DenseClosedForm | None:
+        if problem.couplings:
+            return None
+        specs = [_dense_spec(problem, t) for t in lay.stages]
+        if any(s is None for s in specs):
+            return None
+        groups: list[_DenseGroup] = []
+        offset = 0
+        for k, (t, sp) in enumerate(zip(lay.stages, specs, strict=True)):
+            assert sp is not None
+            if sp.size != sum(lay.sizes[k]):
+                return None
+            if groups and groups[-1].spec == sp:
+                g = groups[-1]
+                groups[-1] = _DenseGroup(g.first, g.count + 1, g.offset, sp, g.stages + (t,))
+            else:
+                groups.append(_DenseGroup(k, 1, offset, sp, (t,)))
+            offset += sp.size
+        return cls(groups)
+
+    def freeze(self, problem: Problem, fr: _Frozen) -> list[_DenseFrozen] | None:
+        """The groups' frozen tensors, or None when the states do not have the 2-D
+        (batch, features) shapes the closed form is written for."""
+
+        def stack(ts: list[Tensor]) -> Tensor:
+            return ts[0].detach().unsqueeze(0) if len(ts) == 1 else torch.stack(
+                [v.detach() for v in ts])
+
+        out = []
+        for g in self.groups:
+            sp, sl = g.spec, slice(g.first, g.first + g.count)
+            A, Xo, Pi, Po = (stack(v[sl]) for v in (fr.x_in, fr.x_out, fr.p_in, fr.p_out))  # noqa: N806
+            if A.dim() != 3 or A.shape[2] != sp.n or Xo.shape != (g.count, A.shape[1], sp.m) \
+                    or Pi.shape != A.shape or Po.shape != Xo.shape:
+                return None
+            h = 1.0 if sp.step is None else sp.step
+            hP = Po if h == 1.0 else h * Po  # noqa: N806
+            bias = None
+            if not sp.bias:
+                fb = [problem.affine(t).fixed_bias for t in g.stages]  # type: ignore[union-attr]
+                if fb[0] is not None:
+                    bias = stack(fb).unsqueeze(1)
+            if sp.step is None:
+                out.append(_DenseFrozen(A, hP, -hP, -Xo, Pi, None, bias))
+            else:
+                out.append(_DenseFrozen(A, hP, -hP, A - Xo, Pi - Po, _vdot(Po, A), bias))
+        return out
+
+    def evaluate(self, z: Tensor, frozen: list[_DenseFrozen], wx: float, wp: float,
+                 need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """phi per layer (L,) and d(sum phi)/dz at the flat controls z (penalty weights
+        wx, wp; both 0: basic MSA)."""
+        penalised = wx != 0 or wp != 0
+        grad = z.new_empty(z.numel()) if need_grad else None
+        phis = []
+        for g, c in zip(self.groups, frozen, strict=True):
+            sp, k = g.spec, g.count
+            m, mn, act = sp.m, sp.m * sp.n, sp.act
+            h = 1.0 if sp.step is None else sp.step
+            zg = z.narrow(0, g.offset, k * sp.size).view(k, sp.size)
+            W = zg[:, :mn].view(k, m, sp.n)  # noqa: N806
+            Wt = W.transpose(1, 2)  # noqa: N806
+            b = zg[:, mn:].view(k, 1, m) if sp.bias else c.bias
+            y = torch.bmm(c.A, Wt) if b is None else torch.baddbmm(b, c.A, Wt)
+            mask = None
+            if act == "tanh":
+                y = y.tanh_()
+            elif act == "relu":
+                y = y.relu_()
+                mask = y > 0
+            phi = _vdot(c.negHP, y)  # -h p_{t+1}.y
+            if c.H0 is not None:
+                phi = phi.sub_(c.H0)
+            s1n = dn = None
+            if penalised:
+                dx = torch.add(c.D0, y, alpha=h)
+                if act == "tanh":
+                    s1n = torch.addcmul(y.new_full((), -1.0), y, y)  # -act'(z) = y^2 - 1
+                    dn = c.hP * s1n                                  # -delta
+                elif act == "relu":
+                    dn = c.negHP * mask
+                else:
+                    dn = c.negHP
+                r = torch.baddbmm(c.PinC, dn, W)  # p_t - dH/dx
+                phi = phi.add_(_vdot(dx, dx), alpha=wx).add_(_vdot(r, r), alpha=wp)
+            phis.append(phi)
+            if grad is None:
+                continue
+            if penalised:
+                if act == "tanh":
+                    v = torch.bmm(r, Wt).mul_(y)
+                    v = torch.addcmul(c.hP, c.hP, v, value=-4.0 * wp)
+                    gz = v.sub_(dx, alpha=2.0 * wx * h).mul_(s1n)
+                else:
+                    gz = torch.add(c.negHP, dx, alpha=2.0 * wx * h)
+                    if mask is not None:
+                        gz = gz.mul_(mask)
+                gw = torch.bmm(gz.transpose(1, 2), c.A)
+                gw = gw.baddbmm_(dn.transpose(1, 2), r, alpha=2.0 * wp)
+            else:
+                if act == "tanh":
+                    gz = torch.addcmul(y.new_full((), -1.0), y, y).mul_(c.hP)
+                elif mask is not None:
+                    gz = c.negHP * mask
+                else:
+                    gz = c.negHP
+                gw = torch.bmm(gz.transpose(1, 2), c.A)
+            gg = grad.narrow(0, g.offset, k * sp.size).view(k, sp.size)
+            gg[:, :mn].copy_(gw.view(k, mn))
+            if sp.bias:
+                gg[:, mn:].copy_(gz.sum(1))
+        return (phis[0] if len(phis) == 1 else torch.cat(phis)), grad
 
 
 # ---------------------------------------------------------------------------- the solver
@@ -288,6 +519,31 @@ class EMSA(Solver):
             every solver sees the same objective; ``StepInfo.loss`` is the problem's J).
         betas, eps: Adam's.
         c1: the Armijo constant of the per-layer acceptance.
+        scaling: ``"mean"`` (batch means, default) or ``"reference"`` (the public code's
+            sums over the batch; docs/msa.md section 2).
+        perturb_init: the public code's ``perturb_init``: every inner maximisation starts
+            from the current controls plus ``perturb_init * U(-1, 1)`` noise, drawn anew at
+            each step (0, the default: start at the controls). The start then costs one
+            evaluation of Htilde, and a layer whose result is worse than its unperturbed
+            controls keeps those (a safeguard the public code has not), so
+            ``htilde_after >= htilde_before`` still holds.
+        perturb_seed: the seed of that noise's own generator (on the problem's device, made
+            at the first step and saved in ``state_dict``): equal seeds give equal runs.
+
+    Presets (``make_solver("emsa", problem, preset="paper")``, :data:`PRESETS`): ``paper``
+    = ``rho=1, scaling="reference", inner="lbfgs", inner_iters=10, history=10,
+    perturb_init=0.005``: the toy setting of the public code (LiQianxiao/
+    MaxPrinciple-DeepLearning, ``config.yml`` 'toy': ``rho``, ``msa_maxiter``,
+    ``msa_perturb_init``; ``msalib/layers.py``: penalties summed over the batch;
+    ``msalib/scipyoptimizer.py``: the perturbed start; scipy's L-BFGS-B keeps 10
+    corrections). Its MNIST setting differs (``rho=0.03``, no perturbation). Not the
+    same as there: scipy's L-BFGS-B counts 10 *iterations* (with their line-search
+    evaluations) where ``inner_iters`` counts evaluations, and its line search is not our
+    per-layer Armijo one; the public code's ``reg=1e-3`` is a running cost of the problem
+    (``to_problem(..., weight_decay=1e-3)``), not a solver option. The defaults are not
+    the paper's: ``scaling="mean"`` makes one rho mean the same at every batch size (the
+    reference scaling's penalties change with it), and no perturbation keeps a step
+    deterministic and its start free of an evaluation.
     """
 
     name = "emsa"
@@ -308,8 +564,19 @@ class EMSA(Solver):
         eps: float = 1e-8,
         c1: float = 1e-4,
         scaling: str = "mean",
+        perturb_init: float = 0.0,
+        perturb_seed: int = 0,
     ) -> None:
         super().__init__(problem)
+        if not (isinstance(perturb_init, int | float) and math.isfinite(perturb_init)
+                and perturb_init >= 0):
+            raise ConfigError(f"perturb_init (the size of the uniform noise on the inner "
+                              f"solver's start) must be a number >= 0, got {perturb_init!r}")
+        if not isinstance(perturb_seed, int) or isinstance(perturb_seed, bool):
+            raise ConfigError(f"perturb_seed must be an integer, got {perturb_seed!r}")
+        self.perturb_init = float(perturb_init)
+        self.perturb_seed = int(perturb_seed)
+        self._perturb_rng: torch.Generator | None = None
         if scaling not in SCALINGS:
             raise unknown_name("penalty scaling", scaling, SCALINGS)
         self.scaling = scaling
@@ -341,9 +608,24 @@ class EMSA(Solver):
         self.eps = float(eps)
         self.c1 = float(c1)
         self.layout = _Layout(problem)
+        #: the closed-form evaluation when every controlled stage is a dense layer it covers
+        #: (else None: autograd); set it to None to force the autograd evaluation
+        self.closed_form = _DenseClosedForm.build(problem, self.layout)
         self.evaluations = 0
 
     # ------------------------------------------------------------------ public helpers
+    def perturbation(self, like: Tensor) -> Tensor:
+        """The next draw of the start noise ``perturb_init * U(-1, 1)``, shaped, placed and
+        typed like ``like`` (zeros for ``perturb_init=0``; the generator advances)."""
+        if not self.perturb_init:
+            return torch.zeros_like(like)
+        if self._perturb_rng is None:
+            self._perturb_rng = torch.Generator(device=like.device)
+            self._perturb_rng.manual_seed(self.perturb_seed)
+        u = torch.rand(like.shape, generator=self._perturb_rng, device=like.device,
+                       dtype=like.dtype)
+        return (2 * u - 1) * self.perturb_init
+
     def rho(self, step: int | None = None) -> float:
         """rho at outer step ``step`` (default: the next step)."""
         return _check_rho(self.rho_schedule(self.steps if step is None else step))
@@ -384,12 +666,21 @@ class EMSA(Solver):
                 phi0 = phi0 + 0.5 * self.weight_decay * lay.seg_sum(z0 * z0)
                 g0 = g0 + self.weight_decay * z0
         before = self.evaluations
+        zs, phis, gs = z0, phi0, g0
+        if self.perturb_init:  # the public code's perturbed start (one more evaluation)
+            zs = z0 + self.perturbation(z0)
+            phis, gs = self.evaluate(zs, fr)
+            assert gs is not None
         if self.inner == "adam":
-            z, phi = self._adam(z0, phi0, g0, fr)
+            z, phi = self._adam(zs, phis, gs, fr)
         elif self.inner == "torch-lbfgs":
-            z, phi = self._torch_lbfgs(z0, phi0, fr)
+            z, phi = self._torch_lbfgs(zs, phis, fr)
         else:
-            z, phi = self._lbfgs(z0, phi0, g0, fr, history=0 if self.inner == "gd" else None)
+            z, phi = self._lbfgs(zs, phis, gs, fr, history=0 if self.inner == "gd" else None)
+        if self.perturb_init:  # never worse than the unperturbed controls, per layer
+            ok = torch.isfinite(phi) & (phi <= phi0)
+            z = torch.where(lay.expand(ok), z, z0)
+            phi = torch.where(ok, phi, phi0)
         with torch.no_grad():
             for t, us in zip(lay.stages, lay.views(z), strict=True):
                 for u, v in zip(problem.stages[t].controls, us, strict=True):
@@ -418,10 +709,26 @@ class EMSA(Solver):
     def evaluate(self, z: Tensor, fr: _Frozen, need_grad: bool = True
                  ) -> tuple[Tensor, Tensor | None]:
         """phi = -Htilde per layer (L,) at the flat controls ``z``, and d(sum phi)/dz."""
-        lay, problem = self.layout, self.problem
         self.evaluations += 1
-        rho, B = fr.rho, fr.batch  # noqa: N806
         z = z.detach()
+        if self.closed_form is not None and fr.closed is None:
+            fr.closed = self.closed_form.freeze(self.problem, fr) or False
+        if fr.closed:
+            phi, grad = self.closed_form.evaluate(z, fr.closed, *self._penalty(fr), need_grad)
+        else:
+            phi, grad = self._evaluate_autograd(z, fr, need_grad)
+        return self._finish(z, phi, grad)
+
+    def _penalty(self, fr: _Frozen) -> tuple[float, float]:
+        """(wx, wp), the factors of sum_i |dx^i|^2 and sum_i |dp^i|^2 (0, 0 when rho = 0)."""
+        return (0.0, 0.0) if fr.rho == 0 else self._weights(fr.rho, fr.batch)
+
+    def _evaluate_autograd(self, z: Tensor, fr: _Frozen, need_grad: bool = True
+                           ) -> tuple[Tensor, Tensor | None]:
+        """The evaluation by autograd (any stages): phi (L,) and d(sum phi)/dz, without the
+        solver's weight decay and the data-parallel mean (see ``evaluate``)."""
+        lay, problem = self.layout, self.problem
+        rho, B = fr.rho, fr.batch  # noqa: N806
         with torch.enable_grad():
             # Each control tensor its own leaf (a view of z): the gradient is one cat of the
             # leaves' gradients. (Views of one leaf z would make autograd add a zero-padded
@@ -460,7 +767,12 @@ class EMSA(Solver):
                 gs = torch.autograd.grad(phi.sum(), leaves, allow_unused=True)
                 grad = torch.cat([v.new_zeros(v.numel()) if g is None else g.reshape(-1)
                                   for v, g in zip(leaves, gs, strict=True)])
-        phi = phi.detach()
+        return phi.detach(), grad
+
+    def _finish(self, z: Tensor, phi: Tensor, grad: Tensor | None
+                ) -> tuple[Tensor, Tensor | None]:
+        """The solver's weight decay and the data-parallel mean on an evaluation."""
+        lay = self.layout
         if self.weight_decay:  # the solver's own l = wd/2 |u|^2, in closed form
             phi = phi + 0.5 * self.weight_decay * lay.dot(z, z)
             if grad is not None:
@@ -473,6 +785,17 @@ class EMSA(Solver):
         return phi, grad
 
     # ------------------------------------------------------------------ inner solvers
+    def _workspace(self, n: int, m: int, like: Tensor) -> tuple[Tensor, ...]:
+        """The inner solver's full-size buffers (memory (m, 2, n), (4, n), (n,)), kept
+        from step to step: allocating (and for the memory, zero-filling) them afresh every
+        step cost more than the L-BFGS arithmetic on wide networks."""
+        key = (n, m, like.dtype, like.device)
+        ws = self.__dict__.get("_lbfgs_buffers")
+        if ws is None or ws[0] != key:
+            ws = (key, like.new_empty(m, 2, n), like.new_empty(4, n), like.new_empty(n))
+            self._lbfgs_buffers = ws
+        return ws[1:]
+
     def _lbfgs(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen, history: int | None
                ) -> tuple[Tensor, Tensor]:
         """Batched L-BFGS (``history=0``: gradient ascent), per-layer Armijo accept/reject.
@@ -494,16 +817,37 @@ class EMSA(Solver):
         lay = self.layout
         m = self.history if history is None else history
         n, L = z.numel(), lay.L  # noqa: N806
+        # Full-size buffers, kept by the solver from step to step (never zero-filled: every
+        # slot of the memory is written before it is read). X holds (g_a, s, y, g_b): the
+        # current and the new gradient alternate between rows 0 and 3, so (s, y, g_new) is
+        # always the contiguous X[1:4] or X[0:3], the rows of the products below.
+        M, X, ZC = self._workspace(n, m, z)  # noqa: N806
+        z = z.clone()
+        X[0] = g
+        # The run views of the buffers, made once: an iteration's full-size work is then one
+        # operator per run (no view bookkeeping), and the per-layer scalars are (L, 1)
+        # columns sliced per run.
+        rv = lay.run_views
+        spans, j = [], 0
+        for _, k, _ in lay.runs:
+            spans.append((j, j + k))
+            j += k
+        Zr, Xr = rv(z), rv(X)  # noqa: N806 - X runs: (4, k, size)
+        MHr = [rv(M[h]) for h in range(m)]  # noqa: N806 - slot h's runs: (2, k, size)
+        Sr, SYr = [x[1] for x in Xr], [x[1:3] for x in Xr]  # noqa: N806
+        Su = [v.unsqueeze(1) for v in Sr]  # noqa: N806
+        Gr = ([x[0] for x in Xr], [x[3] for x in Xr])  # noqa: N806 - current gradient, by parity
+        VT = ([x[1:4].transpose(0, 1) for x in Xr], [x[:3].transpose(0, 1) for x in Xr])  # noqa: N806
+        Mt = [v.transpose(0, 1) for v in rv(M.view(2 * m, n))]  # noqa: N806 - (k, 2m, size)
+        par = 0  # the current gradient is X[0] (par 0) or X[3] (par 1)
         if m:  # the first L-BFGS step: torch's scaling lr * min(1, 1/|g|_1)
-            M = z.new_zeros(m, 2, n)  # noqa: N806 - slot j: (s_j, y_j)
             SY = z.new_zeros(L, m, m)  # noqa: N806 - s_i . y_j per layer (slot coordinates)
             YY = z.new_zeros(L, m, m)  # noqa: N806 - y_i . y_j per layer
-            AB = z.new_zeros(m, 2, L)  # noqa: N806 - (s_j . g, y_j . g) per layer
+            AB = z.new_zeros(L, m, 2)  # noqa: N806 - (s_j . g, y_j . g) per layer
             empty = z.new_ones(L, m)  # 1: slot j holds no pair for that layer
             # age order of the slots once the memory is full: row h lists h, h+1, ... (mod m)
             order = (torch.arange(m, device=z.device)[:, None]
                      + torch.arange(m, device=z.device)) % m
-            W = z.new_empty(3, n)  # noqa: N806 - (s_new, y_new, g_new)
             zero = z.new_zeros(())
             gamma = self.lr * torch.clamp(1.0 / lay.seg_sum(g.abs()), max=1.0)
             gamma = torch.nan_to_num(gamma, nan=self.lr, posinf=self.lr)
@@ -512,19 +856,23 @@ class EMSA(Solver):
         tau = torch.ones(L, dtype=z.dtype, device=z.device)
         head, count = 0, 0
         gg = lay.dot(g, g)
+        s_row = X[1]
         for _ in range(self.inner_iters):
+            g, g_new = (X[0], X[3]) if par == 0 else (X[3], X[0])
+            G, GN, vt = Gr[par], Gr[1 - par], VT[par]  # noqa: N806
+            i_s, i_y, i_g = (0, 1, 2) if par == 0 else (1, 2, 0)  # rows of (s, y, g_new) in vt
             c = min(count, m)
+            ng = (-gamma)[:, None]
             if c:
                 # slots 0..c-1 are in use; oldest first is slot `head` once the memory is full
                 shift = head if c == m else 0
-                ab, sy, yy, e = AB[:c], SY[:, :c, :c], YY[:, :c, :c], empty[:, :c]
+                ab, sy, yy, e = AB[:, :c], SY[:, :c, :c], YY[:, :c, :c], empty[:, :c]
                 if shift:
                     idx = order[shift]
-                    ab, e = ab.index_select(0, idx), e.index_select(1, idx)
+                    ab, e = ab.index_select(1, idx), e.index_select(1, idx)
                     sy = sy.index_select(1, idx).index_select(2, idx)
                     yy = yy.index_select(1, idx).index_select(2, idx)
-                a = ab[:, 0].T.unsqueeze(-1)  # (L, c, 1), oldest first
-                b = ab[:, 1].T.unsqueeze(-1)
+                a, b = ab[:, :, :1], ab[:, :, 1:]  # (L, c, 1), oldest first
                 R = sy.triu() + torch.diag_embed(e)  # noqa: N806
                 gm = gamma[:, None, None]
                 w = torch.linalg.solve_triangular(R, a, upper=True)
@@ -534,39 +882,58 @@ class EMSA(Solver):
                 gd = -((vs * a).sum((1, 2)) + (vy * b).sum((1, 2))) - gamma * gg  # g . d
                 descent = gd < 0
                 gd = torch.where(descent, gd, -gamma * gg)
-                coef = torch.stack([vs.squeeze(-1), vy.squeeze(-1)], 1)  # (L, 2, c)
-                coef = coef * descent[:, None, None]  # no descent: d = -gamma g
+                coef = torch.cat([vs, vy], 2)  # (L, c, 2): slot j's (s_j, y_j) coefficients
+                coef = coef * (-descent.to(coef.dtype))[:, None, None]  # no descent: -gamma g
                 if shift:  # back to slot order
-                    coef = coef.index_select(2, order[(m - shift) % m])
-                coef = coef.permute(2, 1, 0).reshape(2 * c, L)
-                d = lay.combine(-coef, M[:c].reshape(2 * c, n), g, -gamma)
+                    coef = coef.index_select(1, order[(m - shift) % m])
+                # the trial step s = tau d, written once: tau in the coefficients
+                coef = (coef * tau[:, None, None]).reshape(L, 1, 2 * c)  # rows of M[:c]
+                for (j0, j1), su, mt in zip(spans, Su, Mt, strict=True):
+                    torch.bmm(coef[j0:j1], mt[:, :2 * c], out=su)  # (k, 1, 2c) @ (k, 2c, size)
+                ng = ng * tau[:, None]
+                for (j0, j1), sr, gr in zip(spans, Sr, G, strict=True):
+                    sr.addcmul_(gr, ng[j0:j1])
             else:
                 gd = -gamma * gg
-                d = lay.scale(g, -gamma)
-            zc = lay.scale(d, tau, add=z)
-            phic, gc = self.evaluate(zc, fr)
+                ng = ng * tau[:, None]
+                for (j0, j1), sr, gr in zip(spans, Sr, G, strict=True):
+                    torch.mul(gr, ng[j0:j1], out=sr)  # the trial step tau d
+            torch.add(z, s_row, out=ZC)
+            phic, gc = self.evaluate(ZC, fr)
             ok = torch.isfinite(phic) & (phic <= phi + self.c1 * tau * gd)
+            okc = ok[:, None]
+            for (j0, j1), gcr, gr, gn in zip(spans, rv(gc), G, GN, strict=True):
+                torch.where(okc[j0:j1], gcr, gr, out=gn)
             if m:
-                W[0] = lay.scale(d, torch.where(ok, tau, 0.0))         # s = zc - z
-                lay.where(ok, gc - g, zero, out=W[1])                    # y
-                W[2] = gc
-                q3 = lay.grams(W, W)  # (3, 3, L): ss, sy, yy, ..., g_new . g_new
-                ss, sy_, yy_ = q3[0, 0], q3[0, 1], q3[1, 1]
+                torch.sub(g_new, g, out=X[2])  # y: 0 where rejected
+                # (L, 3, 3): the products of s, y and g_new
+                q3 = torch.cat([torch.bmm(v, v.transpose(1, 2)) for v in vt])
+                ss, sy_, yy_ = q3[:, i_s, i_s], q3[:, i_s, i_y], q3[:, i_y, i_y]
                 good = ok & (sy_ > 1e-10 * torch.sqrt(ss * yy_))
-                lay.where(good, W[:2], zero, out=M[head])
-                W[:2] = M[head]
+            okf = ok.to(z.dtype)[:, None]
+            for (j0, j1), zr, sr in zip(spans, Zr, Sr, strict=True):
+                zr.addcmul_(sr, okf[j0:j1])  # z + s where accepted: zc
+            if m:
+                # the new pair into its slot, zero where it is not kept (s, y finite there)
+                goodf = good.to(z.dtype)[:, None]
+                for (j0, j1), syr, mh in zip(spans, SYr, MHr[head], strict=True):
+                    torch.mul(syr, goodf[j0:j1], out=mh)
                 empty[:, head] = (~good).to(empty.dtype)
                 c1 = min(count + 1, m)
-                # the memory in use times (s_new, y_new, g_new), per layer: (c1, 2, 3, L)
-                P = lay.grams(M[:c1].reshape(2 * c1, n), W).view(c1, 2, 3, L)  # noqa: N806
-                SY[:, head, :c1] = P[:, 1, 0].T   # s_new . y_j
-                SY[:, :c1, head] = P[:, 0, 1].T   # s_j . y_new
-                YY[:, head, :c1] = P[:, 1, 1].T
-                YY[:, :c1, head] = P[:, 1, 1].T
+                # (s_new, y_new, g_new) times the memory in use, per layer: (L, 3, c1, 2); the
+                # products with the unmasked (s_new, y_new) rows are masked here
+                P = torch.cat([torch.bmm(v, mt[:, :2 * c1].transpose(1, 2))  # noqa: N806
+                               for v, mt in zip(vt, Mt, strict=True)]).view(L, 3, c1, 2)
+                goodc = good[:, None, None]
+                SY[:, head, :c1] = P[:, i_s, :, 1].where(goodc[:, 0], zero)  # s_new . y_j
+                SY[:, :c1, head] = P[:, i_y, :, 0].where(goodc[:, 0], zero)  # s_j . y_new
+                yyn = P[:, i_y, :, 1].where(goodc[:, 0], zero)
+                YY[:, head, :c1] = yyn
+                YY[:, :c1, head] = yyn
                 # (s_j . g, y_j . g) at the next iterate: g_new where accepted; the new slot
                 # is empty where rejected, so its products are P's in every layer
-                AB[:c1] = torch.where(ok, P[:, :, 2], AB[:c1])
-                AB[head] = torch.where(ok, P[head, :, 2], 0.0)  # (gc may be inf where rejected)
+                AB[:, :c1] = torch.where(okc[:, :, None], P[:, i_g], AB[:, :c1])
+                AB[:, head] = torch.where(okc, P[:, i_g, head], 0.0)
                 gamma = torch.where(good, sy_ / torch.where(good, yy_, 1.0), gamma)
                 head, count = (head + 1) % m, count + 1
             # accepted: back to the full step (L-BFGS) or twice the last one (gd). Rejected:
@@ -582,10 +949,9 @@ class EMSA(Solver):
             shrink = torch.where(fit, torch.minimum(torch.maximum(t_q, 0.1 * tau), 0.5 * tau),
                                  0.5 * tau)
             tau = torch.where(ok, grow, shrink)
-            z = lay.where(ok, zc, z)
-            g = lay.where(ok, gc, g)
-            gg = torch.where(ok, q3[2, 2], gg) if m else lay.dot(g, g)
+            gg = torch.where(ok, q3[:, i_g, i_g], gg) if m else lay.dot(g_new, g_new)
             phi = torch.where(ok, phic, phi)
+            par = 1 - par
         return z, phi
 
     def _adam(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen) -> tuple[Tensor, Tensor]:
@@ -634,12 +1000,20 @@ class EMSA(Solver):
         return {"evaluations": self.evaluations}
 
     def state_dict(self) -> dict[str, Any]:
-        # Each outer step starts its inner solver afresh, so the step count is all the state.
-        return {**super().state_dict(), "evaluations": self.evaluations}
+        # Each outer step starts its inner solver afresh, so the step count (and the start
+        # noise's generator, with perturb_init) is all the state.
+        state = {**super().state_dict(), "evaluations": self.evaluations}
+        if self._perturb_rng is not None:
+            state["perturb_rng"] = self._perturb_rng.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.evaluations = int(state.get("evaluations", 0))
+        if "perturb_rng" in state and self.perturb_init:
+            # the noise is drawn where the controls live
+            self._perturb_rng = torch.Generator(device=self.problem.parameters()[0].device)
+            self._perturb_rng.set_state(state["perturb_rng"])
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(problem={self.problem.name}, rho={self.rho_schedule!r}, "
@@ -651,6 +1025,12 @@ class MSA(EMSA):
 
     It can diverge: the maximiser of H_t may leave the region where the frozen states
     and costates describe the network (``examples/04_msa_divergence.py``).
+
+    Presets: ``paper`` = ``inner="lbfgs", inner_iters=10, history=10,
+    perturb_init=0.005``, the inner maximisation of the public code's toy setting (see
+    :class:`EMSA`). The public code runs E-MSA only; basic MSA is the paper's Algorithm 1
+    (Li, Chen, Tai & E, JMLR 2018), so these inner settings are borrowed from there, and
+    the default stays unperturbed for the reasons given at :class:`EMSA`.
     """
 
     name = "msa"
@@ -658,16 +1038,27 @@ class MSA(EMSA):
     def __init__(self, problem: Problem, *, inner: str = "lbfgs", inner_iters: int = 10,
                  lr: float | None = None, history: int = 10, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 c1: float = 1e-4) -> None:
+                 c1: float = 1e-4, perturb_init: float = 0.0, perturb_seed: int = 0) -> None:
         super().__init__(problem, 0.0, inner=inner, inner_iters=inner_iters, lr=lr,
-                         history=history, weight_decay=weight_decay, betas=betas, eps=eps, c1=c1)
+                         history=history, weight_decay=weight_decay, betas=betas, eps=eps, c1=c1,
+                         perturb_init=perturb_init, perturb_seed=perturb_seed)
 
+
+#: the presets of ``--solver msa`` and ``--solver emsa`` (sources: :class:`EMSA`, :class:`MSA`)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "msa": {"paper": {"inner": "lbfgs", "inner_iters": 10, "history": 10,
+                      "perturb_init": 0.005}},
+    "emsa": {"paper": {"rho": 1.0, "scaling": "reference", "inner": "lbfgs", "inner_iters": 10,
+                       "history": 10, "perturb_init": 0.005}},
+}
 
 register("msa", lambda problem, lr=None, **kw: MSA(problem, lr=lr, **kw),
          "basic method of successive approximations: maximise each layer's Hamiltonian",
          solver_class=MSA, default_lr=DEFAULT_INNER_LR["lbfgs"],
-         lr_defaults=("inner", DEFAULT_INNER_LR), data_parallel=True, cost="inner-iterations")
+         lr_defaults=("inner", DEFAULT_INNER_LR), data_parallel=True, cost="inner-iterations",
+         presets=PRESETS["msa"])
 register("emsa", lambda problem, lr=None, **kw: EMSA(problem, lr=lr, **kw),
          "extended MSA: maximise each layer's augmented Hamiltonian (penalty rho)",
          solver_class=EMSA, default_lr=DEFAULT_INNER_LR["lbfgs"],
-         lr_defaults=("inner", DEFAULT_INNER_LR), data_parallel=True, cost="inner-iterations")
+         lr_defaults=("inner", DEFAULT_INNER_LR), data_parallel=True, cost="inner-iterations",
+         presets=PRESETS["emsa"])

@@ -48,8 +48,10 @@ the sampling noise fixed. Derivation and discussion: ``docs/novas.md``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -64,9 +66,44 @@ ConditionalEnergy = Callable[[Tensor, Tensor], Tensor]
 SHAPES = ("exponential", "soft_ce")
 DIFFERENTIATE = ("last", "all")
 
+#: the layers' presets, by class: ``NOVAS(energy, dim, preset="paper")`` (explicit options
+#: win). Sources in the class docstrings of :class:`NOVAS` and :class:`DCEM`.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "NOVAS": {"paper": {"mu0": 0.0, "sigma0": 10.0, "n_samples": 100, "n_iter": 10,
+                        "shape": "soft_ce", "alpha": 1.0, "sharpness": 1000.0,
+                        "var_floor": 1e-3, "tol": 1e-4, "check_every": 1,
+                        "differentiate": "last"}},
+    "DCEM": {"paper": {"sigma0": 7.0, "n_samples": 100, "n_elite": 10, "n_iter": 10,
+                       "temperature": 1.0, "normalize": True}},
+}
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def _takes_presets(layer: str) -> Callable[[_Init], _Init]:
+    """Let ``__init__(energy, dim, *, preset=None, **options)`` start from
+    ``PRESETS[layer][preset]``, the explicit options winning; an unknown preset is a
+    ``ConfigError`` listing the valid ones. The wrapped ``__init__`` receives ``preset``."""
+
+    def wrap(init: _Init) -> _Init:
+        @functools.wraps(init)
+        def wrapper(self: nn.Module, energy: ConditionalEnergy, dim: int, *,
+                    preset: str | None = None, **options: Any) -> None:
+            if preset is not None:
+                table = PRESETS[layer]
+                if preset not in table:
+                    raise unknown_name(f"{layer} preset", preset, list(table))
+                options = {**table[preset], **options}
+            init(self, energy, dim, preset=preset, **options)
+
+        return wrapper  # type: ignore[return-value]
+
+    return wrap
+
 __all__ = [
     "DCEM",
     "NOVAS",
+    "PRESETS",
     "SHAPES",
     "SearchResult",
     "UnrolledGD",
@@ -259,6 +296,46 @@ def novas_step(
     return mu_new, torch.sqrt(var + var_floor)
 
 
+def _free_step(
+    energy: EnergyFn,
+    mu: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    shape: str,
+    kappa: float,
+    alpha: float,
+    elite_frac: float,
+    sharpness: float,
+    var_floor: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`novas_step` for the iterations without a graph: the same values bit for bit
+    (the same IEEE operations on the same operands), fewer kernels. Works on ``E`` instead
+    of ``F = -E`` (``F - min F = max E - E`` and ``max F - min F = max E - min E`` exactly;
+    the k-th best ``F`` is minus the k-th smallest ``E``), one ``aminmax`` instead of a min
+    and a max, and in-place updates of its own temporaries
+    (never of ``X`` or ``E``, which the energy may keep).
+    Only called with autograd off."""
+    dX = sigma.unsqueeze(1) * eps
+    X = mu.unsqueeze(1) + dX
+    E = _energies(energy, X)
+    tiny = torch.finfo(E.dtype).tiny
+    lo_e, hi_e = torch.aminmax(E, dim=1, keepdim=True)
+    Ft = (hi_e - E).div_((hi_e - lo_e).clamp_min_(tiny))
+    if shape == "exponential":
+        S = torch.softmax(Ft.mul_(kappa), dim=1)
+    else:
+        k = max(1, int(elite_frac * E.shape[1]))
+        gamma_e = E.topk(k, dim=1, largest=False).values.narrow(1, k - 1, 1)
+        S = Ft.mul_(torch.sigmoid_((gamma_e - E).mul_(sharpness)))
+        S.div_(S.sum(dim=1, keepdim=True).clamp_min_(tiny))
+    S = S.unsqueeze(2)
+    step = (S * dX).sum(dim=1)
+    mu_new = mu + (step if alpha == 1.0 else step.mul_(alpha))
+    D = X - mu_new.unsqueeze(1)  # not in place: the energy may have kept X
+    var = D.mul_(D).mul_(S).sum(dim=1)
+    return mu_new, var.add_(var_floor).sqrt_()
+
+
 def novas(
     energy: EnergyFn,
     mu0: Tensor,
@@ -311,28 +388,47 @@ def novas(
     count = torch.zeros(B, dtype=torch.long, device=mu0.device)
     n_free = n_iter - 1 if differentiate == "last" else n_iter
     k = 0
-    with torch.set_grad_enabled(torch.is_grad_enabled() and differentiate == "all"):
+    graph = torch.is_grad_enabled() and differentiate == "all"
+    # without a graph the same values with fewer kernels (bit for bit, see _free_step)
+    step = novas_step if graph else _free_step
+    # every element known active (at the start, and after a host check that found all
+    # active): the mask would keep every new value, so it is skipped (same values)
+    all_active = True
+    n_all = 0  # updates applied to every element: added to count once, at the end
+    with torch.set_grad_enabled(graph):
         while k < n_free:
-            mu_new, sigma_new = novas_step(energy, mu, sigma, draw(k), **opts)
+            mu_new, sigma_new = step(energy, mu, sigma, draw(k), **opts)
             if tol is not None:
                 moved = torch.linalg.vector_norm(mu_new - mu, dim=1)
-                mu, sigma = _masked(active, (mu_new, sigma_new), (mu, sigma))
-                count = count + active.long()
-                active = active & (moved >= tol)
+                if all_active:  # then active & (moved >= tol) is moved >= tol
+                    mu, sigma = mu_new, sigma_new
+                    n_all += 1
+                    active = moved >= tol
+                else:
+                    mu, sigma = _masked(active, (mu_new, sigma_new), (mu, sigma))
+                    count.add_(active)  # this loop's own tensor (active: saved by the mask)
+                    active = active & (moved >= tol)
             else:
                 mu, sigma = mu_new, sigma_new
-                count = count + 1
+                n_all += 1
             k += 1
             # The only host decision of the loop (one sync per check_every iterations):
-            # whether every element is frozen, so the remaining iterations would be no-ops.
-            if tol is not None and check_every and k % check_every == 0 and not bool(active.any()):
-                break
+            # how many elements are active; none: the remaining iterations would be no-ops.
+            all_active = False
+            if tol is not None and check_every and k % check_every == 0:
+                n_active = int(active.sum())
+                if n_active == 0:
+                    break
+                all_active = n_active == B
     if differentiate == "last":
         mu, sigma = mu.detach(), sigma.detach()
         mu_new, sigma_new = novas_step(energy, mu, sigma, draw(k), **opts)
-        if tol is not None:
-            active = active & (torch.linalg.vector_norm(mu_new - mu, dim=1) >= tol)
-        mu, sigma, count = mu_new, sigma_new, count + 1
+        if tol is not None:  # on detached values: the test needs no graph
+            active = active & (torch.linalg.vector_norm(mu_new.detach() - mu, dim=1) >= tol)
+        mu, sigma = mu_new, sigma_new
+        n_all += 1
+    if n_all:
+        count = count + n_all
     converged = ~active if tol is not None else torch.zeros_like(active)
     return SearchResult(y=mu, sigma=sigma, iterations=count, converged=converged)
 
@@ -542,15 +638,31 @@ class NOVAS(_SearchLayer):
     ``(B, N, dim)`` and returns ``(B, N)``; if it is an ``nn.Module`` its parameters are
     this layer's parameters. Defaults are the public code's (mu0 0, sigma0 10, 100 samples,
     10 iterations, exponential shape, kappa 1, last iteration differentiated).
+
+    Presets (``preset="paper"``, :data:`PRESETS`; explicit options win): ``paper`` = the
+    public NOVAS regression script (iexarchos/NOVAS; REFERENCE.md section 5,
+    docs/novas.md): ``mu0=0, sigma0=10, n_samples=100, n_iter=10, shape="soft_ce",
+    alpha=1, sharpness=1000, var_floor=1e-3, differentiate="last"`` and its early stop at a
+    mean step below 1e-4 as ``tol=1e-4, check_every=1``. Not the same: the public code
+    stops the whole batch on the norm of the whole batch's step, here each element freezes
+    on its own step (and the loop stops once all are frozen). ``elite_frac`` (the soft-CE
+    quantile) is 0.1 in both (the public ``SPEN/adaptive_stochastic_search.py`` takes
+    ``elite = int(0.1 * n_sample)``). The default is not
+    this preset: ``tol`` with ``check_every=1`` is one host synchronisation per
+    iteration, which a layer on a GPU should not pay unless asked, and the shape stays the
+    public code's default (exponential, kappa 1); the rest of the defaults are the public
+    regression setting's.
     """
 
     _search = staticmethod(novas)
 
+    @_takes_presets("NOVAS")
     def __init__(
         self,
         energy: ConditionalEnergy,
         dim: int,
         *,
+        preset: str | None = None,
         mu0: float | Tensor = 0.0,
         sigma0: float | Tensor = 10.0,
         n_samples: int = 100,
@@ -576,19 +688,30 @@ class NOVAS(_SearchLayer):
             elite_frac=elite_frac, sharpness=sharpness, var_floor=var_floor, tol=tol,
             check_every=check_every, differentiate=differentiate,
         )
+        self.preset = preset
 
 
 
 class DCEM(_SearchLayer):
-    """``y = argmin_y energy(x, y)`` by the differentiable cross-entropy method (:func:`dcem`)."""
+    """``y = argmin_y energy(x, y)`` by the differentiable cross-entropy method (:func:`dcem`).
+
+    Presets (``preset="paper"``, :data:`PRESETS`; explicit options win): ``paper`` = the
+    regression setting of the DCEM paper and its public code (Amos & Yarats, ICML 2020;
+    facebookresearch/dcem; REFERENCE.md section 5): ``sigma0=7, n_samples=100,
+    n_elite=10, n_iter=10, temperature=1, normalize=True`` (energies standardised over
+    the samples). These are also the defaults. ``var_floor`` (1e-10, only to keep the
+    square root differentiable) and ``mu0`` are ocnet's.
+    """
 
     _search = staticmethod(dcem)
 
+    @_takes_presets("DCEM")
     def __init__(
         self,
         energy: ConditionalEnergy,
         dim: int,
         *,
+        preset: str | None = None,
         mu0: float | Tensor = 0.0,
         sigma0: float | Tensor = 7.0,
         n_samples: int = 100,
@@ -606,6 +729,7 @@ class DCEM(_SearchLayer):
             n_samples=n_samples, n_elite=n_elite, n_iter=n_iter, temperature=temperature,
             normalize=normalize, var_floor=var_floor, tol=tol, check_every=check_every,
         )
+        self.preset = preset
 
 
 class UnrolledGD(_ArgminLayer):

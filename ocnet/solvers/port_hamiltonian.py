@@ -456,6 +456,20 @@ class PortHamiltonianSolver(Solver):
 
     ``StepInfo.extra`` holds ``energy`` (H at the step's start, batch loss), ``friction``
     and, with a schedule, ``phase`` (events fired so far) and ``smoothed_loss``: tensors.
+
+    Presets (:data:`PRESETS`):
+
+    - ``phb``: paper = ``integrator="ode"``: Massaroli et al. (CDC 2019) integrate the
+      continuous flow on each mini-batch (REFERENCE.md section 3; their public code calls
+      SciPy's ``solve_ivp``). Their friction, mass, time step and tolerances could not be
+      recovered, so those stay ocnet's (gamma 0.5, m 1, h 0.25, dopri5 with rtol 1e-6,
+      atol 1e-8). The default stays ``symplectic_euler``: one gradient per step (the
+      adaptive ``ode`` solve takes several and its step-size control reads the host), and
+      it conserves a shadow energy (docs/port_hamiltonian.md).
+    - ``phb-goal``: no preset. Burghoff et al. (ICANN 2023) switch from exploration to
+      braking at loss goals, but their goal rule and numbers were not recoverable; the
+      geometric schedule here is ocnet's own design (docs/port_hamiltonian.md), so there
+      is no paper configuration to put it in, and ``preset="paper"`` is refused.
     """
 
     def __init__(self, problem: Problem, lr: float | None = None, *,
@@ -558,12 +572,19 @@ def make_phb_goal(problem: Problem, lr: float | None = None, *, r: float = 0.1,
     return PortHamiltonianSolver(problem, lr, schedule=sched, name="phb-goal", **options)
 
 
+#: the presets of ``--solver phb`` and ``--solver phb-goal`` (sources: PortHamiltonianSolver)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "phb": {"paper": {"integrator": "ode"}},
+    "phb-goal": {},
+}
+
 register("phb", make_phb,
          "port-Hamiltonian heavy ball with constant friction (symplectic Euler, implicit damping)",
          solver_class=PortHamiltonianSolver, default_lr=0.25, data_parallel=True,
-         cost="first-order", options=(PortHamiltonianSolver, PortHamiltonian), fixed=("name",))
+         cost="first-order", options=(PortHamiltonianSolver, PortHamiltonian), fixed=("name",),
+         presets=PRESETS["phb"])
 register("phb-goal", make_phb_goal,
          "port-Hamiltonian heavy ball with goal-oriented braking (friction raised at loss goals)",
          solver_class=PortHamiltonianSolver, default_lr=0.25, data_parallel=True,
          cost="first-order", options=(make_phb_goal, PortHamiltonianSolver, PortHamiltonian),
-         fixed=("name", "schedule"))
+         fixed=("name", "schedule"), presets=PRESETS["phb-goal"])

@@ -15,6 +15,11 @@ Options are checked against the signatures of the callables named in the record
 (``options``, by default the solver class) *before* the factory is called, so an unknown
 option is a :class:`~ocnet.ocp.errors.ConfigError` that lists the valid ones, and a
 ``TypeError`` raised inside a constructor is a bug that surfaces as itself.
+
+Presets: a record may carry named sets of options (``presets={"paper": {...}}``, the values
+beside the solver's ``register`` call, listed in its class docstring). ``make_solver(name,
+problem, preset="paper", **options)`` starts from the preset and lets the explicit options
+win; the merged options are then checked like any others.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
     "register",
     "solver_entry",
     "solver_names",
+    "solver_presets",
     "solver_records",
     "solver_summaries",
     "unregister",
@@ -89,6 +95,10 @@ class SolverRecord:
             default ``(solver_class,)`` (or ``(factory,)``). When the last one takes
             ``**kwargs`` any option is passed on (e.g. IPOPT's own options).
         fixed: parameters of those callables the factory sets itself (not options).
+        presets: named option sets, e.g. ``{"paper": {"trust": 0.0, ...}}``: the
+            configuration of the solver's paper or public code (``make_solver(...,
+            preset="paper")``; explicit options win). Empty: the solver has no preset (a
+            ``preset=`` then raises ``ConfigError`` saying so).
     """
 
     name: str
@@ -106,6 +116,7 @@ class SolverRecord:
     reference: bool = False
     options: tuple[Callable[..., Any], ...] = ()
     fixed: tuple[str, ...] = field(default=())
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.cost not in COST_CLASSES:
@@ -116,6 +127,8 @@ class SolverRecord:
         if not self.options:
             default = self.factory if self.solver_class is None else self.solver_class
             object.__setattr__(self, "options", (default,))
+        # a copy, so that the module's dict and the record cannot drift apart
+        object.__setattr__(self, "presets", {k: dict(v) for k, v in self.presets.items()})
 
     def lr(self, options: Mapping[str, Any] | None = None) -> float | None:
         """The default learning rate with these options (``lr_defaults`` resolved)."""
@@ -142,8 +155,9 @@ def register(name: str, factory: SolverFactory, summary: str, *,
              solver_class: type | None = None, **facts: Any) -> SolverRecord:
     """Add a solver to the registry behind ``make_solver`` and ``--solver``.
 
-    ``facts`` are the other :class:`SolverRecord` fields. Registering a name twice is an
-    error (:func:`unregister` first to replace a solver on purpose).
+    ``facts`` are the other :class:`SolverRecord` fields (``presets={"paper": {...}}``
+    among them). Registering a name twice is an error (:func:`unregister` first to replace
+    a solver on purpose).
     """
     if name in _REGISTRY:
         old = _REGISTRY[name].solver_class or _REGISTRY[name].factory
@@ -185,6 +199,24 @@ def solver_entry(name: str) -> SolverRecord:
         return _REGISTRY[name]
     except KeyError:
         raise unknown_name("solver", name, solver_names()) from None
+
+
+def solver_presets(name: str) -> dict[str, dict[str, Any]]:
+    """The presets of solver ``name`` (a copy): ``{preset name: {option: value}}``."""
+    return {k: dict(v) for k, v in solver_entry(name).presets.items()}
+
+
+def _preset_options(name: str, record: SolverRecord, preset: str) -> dict[str, Any]:
+    """The options of ``record``'s preset ``preset``; an unknown one lists the valid ones."""
+    if not record.presets:
+        raise ConfigError(
+            f"solver {name!r} has no presets, so preset={preset!r} cannot be applied (its "
+            "class docstring and docs/writing_a_solver.md, 'Paper presets', say why); give "
+            "its options explicitly instead"
+        )
+    if preset not in record.presets:
+        raise unknown_name(f"{name} preset", preset, list(record.presets))
+    return dict(record.presets[preset])
 
 
 def valid_options(record: SolverRecord) -> tuple[list[str], bool]:
@@ -239,7 +271,8 @@ def _check_option_types(name: str, record: SolverRecord, options: Mapping[str, A
         )
 
 
-def make_solver(name: str, problem: Problem, **options: Any) -> Solver:
+def make_solver(name: str, problem: Problem, *, preset: str | None = None,
+                **options: Any) -> Solver:
     """The solver registered as ``name`` on ``problem``.
 
     Unknown names list the valid ones; unknown options list the solver's valid options
@@ -247,8 +280,18 @@ def make_solver(name: str, problem: Problem, **options: Any) -> Solver:
     naming the option. Every solver also takes the base options ``check_inputs`` (bool)
     and ``guard`` (True, False, "device" or "host"): see :meth:`Solver.step`. Errors inside
     the constructor propagate as they are.
+
+    ``preset`` (e.g. ``"paper"``, see :func:`solver_presets`) starts from the options of
+    that preset; the explicit ``options`` win over it (``lr=None`` counts as not given, so a
+    preset's ``lr`` stays). The merged options are checked like explicit ones. An unknown
+    preset, or any preset for a solver that has none, is a ``ConfigError``.
     """
     record = solver_entry(name)
+    if preset is not None:
+        merged = _preset_options(name, record, preset)
+        if "lr" in merged and options.get("lr", None) is None:
+            options.pop("lr", None)
+        options = {**merged, **options}
     base = {k: options.pop(k) for k in list(options) if k in BASE_OPTIONS}
     valid, open_ended = valid_options(record)
     unknown = sorted(set(options) - set(valid))
