@@ -262,7 +262,7 @@ def test_claims_benchmark_quick_runs(tmp_path):
                                                   ROOT / "benchmarks" / "ddpnopt_claims.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    args = ["--quick", "--seeds", "1", "--twins", "exact", "--epochs-b", "1",
+    args = ["--quick", "--seeds", "1", "--twins", "exact", "--epochs-b", "1", "--max-steps", "5",
             "--runs-b", "sgd;ddpnopt-sgd exact, 2nd-order dynamics", "--out", str(tmp_path)]
     threads = torch.get_num_threads()
     try:

@@ -34,6 +34,7 @@ def test_missing_public_code_names_the_fetch(tmp_path):
     assert not (tmp_path / "x.md").exists()
 
 
+@pytest.mark.slow  # ~12 s, and only where the public code was fetched
 @pytest.mark.skipif(not (PUBLIC / "SPEN" / "regression.py").is_file(),
                     reason=f"public NOVAS code not exported to {PUBLIC}")
 def test_quick_writes_the_side_by_side_tables(tmp_path):
