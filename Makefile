@@ -5,6 +5,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# pytest workers (pytest-xdist): the suite is independent per test; 2 = this machine's cores
+PYTEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ocnet-installed
 
@@ -26,7 +28,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 test: setup lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS)
 
 docs: setup
 	$(VENV)/bin/mkdocs build --strict
