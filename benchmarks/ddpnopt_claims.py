@@ -31,6 +31,7 @@ Writes ``claims.json``, ``claims.md``, ``lr_sweep.png`` and ``vanishing_gradient
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -50,10 +51,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from ddpnopt import accuracy, make_task, solver_spec  # noqa: E402
+from speed import digits_batches, digits_networks  # noqa: E402
 
 from ocnet import data  # noqa: E402
 from ocnet._atomic import atomic_write  # noqa: E402
 from ocnet.bridge import to_problem  # noqa: E402
+from ocnet.models import build_model  # noqa: E402
 from ocnet.solvers.base import make_solver  # noqa: E402
 
 #: the twins of part (a): label -> DDPNOpt options beside the base's (same lr)
@@ -422,12 +425,6 @@ COST_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def part_c(args: argparse.Namespace, out: list[str], results: dict[str, Any]) -> None:
-    import copy
-
-    from speed import digits_batches, digits_networks
-
-    from ocnet.models import build_model
-
     torch.manual_seed(0)
     nets = {"fcn": (build_model("mlp", 64, 10, width=32, depth=4, activation="tanh"),
                     "protocol FCN 64-32x4-10 tanh")}

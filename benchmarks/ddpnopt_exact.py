@@ -7,7 +7,8 @@ depth=4, activation="tanh")`` = 64-32-32-32-32-10, batch 32, cross-entropy):
     (``vxx="exact"``, its defaults). At every ``--every``-th step, from the same state
     (deep copies of the problem and of the base optimizer's state), one step of each model
     is taken; per feedback layer t (stage 0 gets none) the applied feedback
-    f = gamma_t d_t of the fast model (its defaults: gain auto, vxx_reg 1, trust 0.3; and
+    f = gamma_t d_t of the fast model (its defaults: gain 1, vxx_reg 0, trust 0.3; the old
+    defaults gain auto, vxx_reg 1, trust 0.3; and
     the literal policy gain 1, vxx_reg 0, trust 0) is compared with the exact one:
     cos(f_fast, f_exact) and |f_fast| / |f_exact|. Both apply the same base step k.
 (b) caps and clips at the defaults: the fraction of feedback stage-steps where the trust
@@ -40,7 +41,9 @@ from ocnet.ocp import Problem
 from ocnet.solvers.base import make_solver
 from ocnet.solvers.ddpnopt import DDPNOpt
 
-FAST = {"fast default": {}, "fast literal": {"gain": 1.0, "vxx_reg": 0.0, "trust": 0.0}}
+FAST = {"fast default": {"gain": 1.0, "vxx_reg": 0.0, "trust": 0.3},
+        "fast old default": {"gain": "auto", "vxx_reg": 1.0, "trust": 0.3},
+        "fast literal": {"gain": 1.0, "vxx_reg": 0.0, "trust": 0.0}}
 CONFIGS = [("adam", 1e-3), ("adam", 1e-2), ("sgd", 0.5)]
 
 
@@ -129,8 +132,7 @@ def part_a(args: argparse.Namespace, lines: list[str]) -> None:
                      "logged steps of |f_exact| / |k| per layer: " + ", ".join(
                          f"layer {t}: {ratio[t]:.3g}" for t in layers) + "\n")
         for name in FAST:
-            desc = ", ".join(f"{k} {v:g}" for k, v in FAST[name].items()) or \
-                "gain auto, vxx_reg 1, trust 0.3"
+            desc = ", ".join(f"{k} {v}" for k, v in FAST[name].items())
             lines.append(f"**{base} lr {lr:g}, {name}** ({desc})\n")
             lines.append("| step | " + " | ".join(f"layer {t}" for t in layers) + " |")
             lines.append("|---" * (len(layers) + 1) + "|")

@@ -42,7 +42,9 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from speed import count_flops, loadavg  # noqa: E402  (benchmarks/speed.py: one counter)
 
 from ocnet import data  # noqa: E402
 from ocnet.bridge import to_problem  # noqa: E402
@@ -53,34 +55,6 @@ from ocnet.solvers import make_solver  # noqa: E402
 SWEEP = [(32, 5, 32), (128, 5, 32), (512, 5, 32), (32, 20, 32), (128, 20, 32), (128, 5, 256),
          (512, 5, 256)]
 SWEEP_QUICK = [(32, 5, 32), (128, 5, 32)]
-
-
-def loadavg() -> str:
-    try:
-        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:  # pragma: no cover
-        return "n/a"
-
-
-class _NoModuleTracker:
-    """FlopCounterMode's module tracker breaks autograd.grad on leaves; only totals matter."""
-
-    parents = {"Global"}
-
-    def __enter__(self) -> _NoModuleTracker:
-        return self
-
-    def __exit__(self, *exc: object) -> bool:
-        return False
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """All counted FLOPs of running ``fn`` once."""
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _NoModuleTracker()
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def count_passes(solver: Any, batch: tuple) -> int:

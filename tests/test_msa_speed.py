@@ -285,3 +285,22 @@ def test_closed_form_covers_only_what_it_describes():
     assert EMSA(to_problem(gelu, "cross_entropy")).closed_form is None
     cnn = build_model("cnn", 64, 10, image_shape=(1, 8, 8)).to(DT)
     assert EMSA(to_problem(cnn, "cross_entropy")).closed_form is None
+
+
+def test_emsa_speed_benchmark_quick_runs(capsys):
+    """benchmarks/emsa_speed.py, reduced to one network and one round, in this process."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "emsa_speed.py"
+    spec = importlib.util.spec_from_file_location("emsa_speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--rounds", "1", "--warmup", "0", "--networks", "mlp",
+                    "--sweep", "none"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| mlp |" in out and "load average at the end" in out
