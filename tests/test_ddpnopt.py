@@ -255,3 +255,38 @@ def test_state_dict_resumes_identically(base):
         s1.step(x, y), s2.step(x, y)
     for a, b in zip(p1.parameters(), p2.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make", [_mlp, _resnet, _cnn, _euler])
+def test_split_policy_rollout_equals_the_stage_path(make):
+    # the feedback pass evaluates stages through their affine description; the same values
+    problem = make(4)
+    x, y = _batch(8, 16 if make is _cnn else 4)
+    plain = problem.policy_rollout(x, y, lambda t, xh: None)
+    split = problem.policy_rollout(x, y, lambda t, xh: None, split=True)
+    for a, b in zip(plain.xs, split.xs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    torch.testing.assert_close(plain.objective, split.objective, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam", "kfac"])
+def test_cap_rate_counts_the_stages_where_the_trust_bound_bites(base):
+    # the fixed-gain bound m_t = T_t / max(T_t / (gamma unit), |D_t|): a tiny region binds at
+    # every fed stage, a huge one never; the reported gains are the applied ones
+    rates = {}
+    for trust in (1e-6, 1e6):
+        problem = _mlp(11)
+        x, y = _batch(12, 4, B=16)
+        solver = DDPNOpt(problem, lr={"sgd": 0.5, "adam": 1e-2, "kfac": 0.1}[base], base=base,
+                         trust=trust)
+        solver.debug = True
+        solver.step(x, y)  # fills the adaptive statistics
+        info = solver.step(x, y)
+        rates[trust] = float(info.extra["cap_rate"])
+        gains = info.extra["gains"]
+        assert gains.shape == (len(solver.last_debug),)
+        for g, rec in zip(gains, solver.last_debug, strict=True):
+            torch.testing.assert_close(g, rec["gamma"], rtol=1e-12, atol=0)
+            if trust > 1:
+                assert float(g) == 1.0
+    assert rates == {1e-6: 1.0, 1e6: 0.0}

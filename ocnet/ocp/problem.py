@@ -412,14 +412,17 @@ class Problem:
         return traj
 
     def policy_rollout(self, x0: Tensor, y: Tensor | None, policy: Policy, *,
-                       costs: bool = True) -> Trajectory:
+                       costs: bool = True, split: bool = False) -> Trajectory:
         """The forward pass under a feedback policy (no graph).
 
         At each stage ``u_t = policy(t, xhat_t)`` (``None``: the live controls), then
         xhat_{t+1} = f_t(xhat_t, u_t); ``traj.us`` are the controls used and
         ``traj.objective`` is J along the new trajectory (coupled costs at those controls).
         ``costs=False`` skips the running and coupled costs: ``traj.objective`` is then
-        Phi(xhat_T) alone (for a solver that only reports it).
+        Phi(xhat_T) alone (for a solver that only reports it). ``split`` evaluates every
+        controlled stage through its :class:`~ocnet.ocp.structure.Affine` description, as
+        ``value_and_gradients(intermediates=True)`` does (the same values, fewer calls; the
+        shapes were checked by that sweep).
         """
         self._check_placement(x0)
         xs, us, running = [x0], [], []
@@ -429,7 +432,8 @@ class Problem:
                 u = stage.controls if u is None else tuple(u)
                 us.append(u)
                 running.append(self.running_cost(t, xs[-1], u) if costs else None)
-                xs.append(self.step(t, xs[-1], u))
+                aff = self._affine_of(t) if split and u else None
+                xs.append(self.step(t, xs[-1], u) if aff is None else aff.f(xs[-1], u))
             phi = self.terminal(xs[-1], y)
             J = self._total(phi, running, us) if costs else phi  # noqa: N806
         return Trajectory(xs=xs, us=us, running_costs=running, objective=J)

@@ -88,7 +88,10 @@ class Affine:
 
     def weight_grad(self, a: Tensor, dz: Tensor, w_shape: torch.Size) -> tuple[Tensor, ...]:
         """Sum over the batch of dz/du^T dz: the weight (and bias) gradient of cotangent dz."""
-        if self.kind == "linear":
+        if self.kind == "linear" and dz.dim() == 2:  # the common case, in three dispatches
+            gw = dz.t().mm(a)
+            gb = dz.sum(0)
+        elif self.kind == "linear":
             gw = dz.reshape(-1, dz.shape[-1]).T @ a.reshape(-1, a.shape[-1])
             gb = dz.reshape(-1, dz.shape[-1]).sum(0)
         else:

@@ -60,6 +60,14 @@ class Curvature(abc.ABC):
         """The diagonal curvature M at the current state (``None`` when M is the identity)."""
         return None
 
+    def update_with_diagonal(self, grads: Sequence[Tensor], state: State
+                             ) -> tuple[list[Tensor], State, list[Tensor] | None]:
+        """``update`` and the diagonal M of the new state, which the update has computed
+        already for the adaptive bases (DDPNOpt's feedback reuses it instead of a second
+        pass over the statistics)."""
+        k, new = self.update(grads, state)
+        return k, new, self.diagonal(new)
+
     def inverse_diagonal(self, state: State) -> list[Tensor] | float:
         """lr M^-1 elementwise (a float when M is the identity), at the current state."""
         diag = self.diagonal(state)
@@ -160,6 +168,10 @@ class RMSprop(Curvature):
         return avg
 
     def update(self, grads: Sequence[Tensor], state: State) -> tuple[list[Tensor], State]:
+        return self.update_with_diagonal(grads, state)[:2]
+
+    def update_with_diagonal(self, grads: Sequence[Tensor], state: State
+                             ) -> tuple[list[Tensor], State, list[Tensor]]:
         grads = list(grads)
         sq = torch._foreach_mul(state["square_avg"], self.alpha)
         torch._foreach_addcmul_(sq, grads, grads, value=1 - self.alpha)
@@ -171,10 +183,10 @@ class RMSprop(Curvature):
             buf = torch._foreach_mul(state["momentum_buffer"], self.momentum)
             torch._foreach_addcdiv_(buf, grads, avg)
             new["momentum_buffer"] = buf
-            return torch._foreach_mul(buf, -self.lr), new
+            return torch._foreach_mul(buf, -self.lr), new, avg
         k = torch._foreach_div(grads, avg)
         torch._foreach_mul_(k, -self.lr)
-        return k, new
+        return k, new, avg
 
     def diagonal(self, state: State) -> list[Tensor]:
         return self._denominator(state)
@@ -215,6 +227,10 @@ class Adam(Curvature):
         return denom
 
     def update(self, grads: Sequence[Tensor], state: State) -> tuple[list[Tensor], State]:
+        return self.update_with_diagonal(grads, state)[:2]
+
+    def update_with_diagonal(self, grads: Sequence[Tensor], state: State
+                             ) -> tuple[list[Tensor], State, list[Tensor]]:
         grads = list(grads)
         b1, b2 = self.betas
         m = torch._foreach_lerp(state["exp_avg"], grads, 1 - b1)
@@ -227,7 +243,7 @@ class Adam(Curvature):
         step_size = -self.lr / (1 - b1 ** new["step"].to(grads[0].dtype))
         k = torch._foreach_div(m, denom)
         torch._foreach_mul_(k, step_size)
-        return k, new
+        return k, new, denom
 
     def diagonal(self, state: State) -> list[Tensor]:
         return self._denominator(state, state["exp_avg"][0])

@@ -275,6 +275,7 @@ class DDPNOpt(Solver):
         #: of a step); set False to skip it (the entry is then NaN)
         self.diagnostics = True
         self.params = problem.parameters()
+        self._denom: list[Tensor] | None = None  # the base step's denominators, this step
         if not self.params:
             raise ConfigError(f"{problem!r} has no controls to optimise")
         if base == "kfac":
@@ -306,9 +307,8 @@ class DDPNOpt(Solver):
         if denom is None:
             return self.lr
         if self.curvature_floor > 0:
-            sums = torch._foreach_norm(denom, 1)
-            floors = [self.curvature_floor * s_ / d.numel() for s_, d in zip(sums, denom,
-                                                                            strict=True)]
+            floors = torch._foreach_mul(torch._foreach_norm(denom, 1),  # mean = L1 / numel
+                                        [self.curvature_floor / d.numel() for d in denom])
             denom = torch._foreach_maximum(denom, floors)
         inv = torch._foreach_reciprocal(denom)
         torch._foreach_mul_(inv, self.lr)
@@ -327,14 +327,6 @@ class DDPNOpt(Solver):
         self.kronecker.update_factors(self.state, t, A, G,
                                       refresh=self.steps % self.kronecker.every == 0)
 
-    def _precondition(self, t: int, offset: int, gs: Controls, P: list[Tensor] | float  # noqa: N803
-                      ) -> tuple[Tensor, ...]:
-        if self.kronecker is not None:
-            return self.kronecker.apply(self.state, t, gs, self.affines[t].has_bias)
-        if isinstance(P, float):
-            return tuple(P * g for g in gs)
-        return tuple(P[offset + i] * g for i, g in enumerate(gs))
-
     # -------------------------------------------------------------- the step
     @torch.no_grad()
     def _base_step(self, grads: list[Controls], records: list[StageRecord | None]
@@ -344,7 +336,7 @@ class DDPNOpt(Solver):
         stages = self.problem.stages
         if self.curvature is not None:
             flat = [g for gs in grads for g in gs]
-            k, self.state = self.curvature.update(flat, self.state)
+            k, self.state, self._denom = self.curvature.update_with_diagonal(flat, self.state)
             torch._foreach_add_(self.params, k)
             out, i = [], 0
             for stage in stages:
@@ -365,76 +357,163 @@ class DDPNOpt(Solver):
 
     def _feedback_pass(self, x0: Tensor, y: Tensor | None, xs: list[Tensor],
                        records: list[StageRecord | None], ks: list[Controls]
-                       ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The new trajectory under u*_t = u_t + k_t + gamma_t d_t (``Problem.policy_rollout``):
         each stage's feedback is applied in place before the stage is evaluated. ``ks``: the
-        base steps k_t already applied (u_t = controls - k_t at the time of the call)."""
+        base steps k_t already applied (u_t = controls - k_t at the time of the call).
+
+        Written for few operations per stage (on small layers each costs more than its
+        arithmetic): the factors common to every stage leave the loop. With c'_i = g^i . dx^i
+        (c_i / B) and D_t = weightgrad(a_t, delta_t c') / M_t (M_t the floored denominators;
+        1 for sgd/momentum; the Kronecker inverse for kfac), d_t = -unit D_t with unit = B lr
+        (B for kfac), and the applied step is -gamma unit D_t, or under the trust bound
+        |gamma_t d_t| <= T_t = trust |k_t|, gamma_t = min(gamma, T_t / (unit |D_t|))::
+
+            gamma_t = gamma rho_t,   rho_t = theta_t / max(theta_t, |D_t|),
+            theta_t = T_t / (gamma unit)
+
+        whose thresholds theta_t come from one pass over every |k_t| before the rollout
+        (floored at the smallest normal number, so that k_t = D_t = 0 gives no 0 / 0); the
+        bound binds where |D_t| > theta_t.
+        """
         B = x0.shape[0]  # noqa: N806
-        gains: list[Tensor] = []
+        stages = self.problem.stages
         raw: list[Tensor] = []  # the auto gains before the clip (for clip_rate)
-        bound: list[Tensor] = []
         self.last_debug = []
-        P = None if self.kronecker is not None else self._inverse_curvatures()  # noqa: N806
+        controlled = [t for t, kt in enumerate(ks) if kt]
+        # the stages that get feedback: every controlled stage after the first (x̂_0 = x_0),
+        # slot[t] their position; nothing is computed for the first one
+        fed = controlled[1:]
+        slot = {t: j for j, t in enumerate(fed)}
+        auto = self.gain == "auto"
         offsets, k = [], 0
-        for stage in self.problem.stages:
+        for stage in stages:
             offsets.append(k)
             k += len(stage.controls)
-        # |k_t| of every stage from one foreach call (the trust bound)
-        k_norms: list[Tensor | None] = []
-        if self.trust > 0:
-            flat = [v for kt in ks for v in kt]
-            norms = torch._foreach_norm(flat) if flat else []
-            i = 0
-            for kt in ks:
-                k_norms.append(_hypot(norms[i:i + len(kt)]) if kt else None)
-                i += len(kt)
+        den: list[list[Tensor]] | None = None  # the floored M_t of each fed stage
+        if self.kronecker is not None:
+            unit = float(B)
+        else:
+            unit = B * self.lr
+            denom = self._denom if self._denom is not None else \
+                self.curvature.diagonal(self.state)
+            if denom is not None and fed:
+                flat = self._floored_denominators(
+                    [v for t in fed for v in denom[offsets[t]:offsets[t] + len(ks[t])]])
+                den, i = [], 0
+                for t in fed:
+                    den.append(flat[i:i + len(ks[t])])
+                    i += len(ks[t])
+        self._denom = None
+        limits = thresholds = thr = None
+        scale = unit if auto else float(self.gain) * unit  # the applied step: scale ratio D
+        if self.trust > 0 and fed:
+            norms = torch.stack(torch._foreach_norm([v for t in fed for v in ks[t]]))
+            if len({len(ks[t]) for t in fed}) == 1:  # as many tensors per stage (W, b)
+                k_norms = torch.linalg.vector_norm(norms.view(len(fed), -1), dim=1)
+            else:
+                index = torch.tensor([j for j, t in enumerate(fed) for _ in ks[t]],
+                                     device=norms.device)
+                k_norms = norms.new_zeros(len(fed)).index_add_(0, index, norms * norms).sqrt_()
+            if auto:
+                limits = (k_norms * self.trust).unbind()
+            else:
+                thr = k_norms * (self.trust / scale)
+                thresholds = thr.clamp_min_(torch.finfo(thr.dtype).tiny).unbind()
+        steps: list[Tensor] = []  # rho_t (fixed gain under the bound) or gamma_t (auto)
+        bound: list[Tensor] = []  # |D_t| (fixed gain) or whether the bound bit (auto)
         moved = [False]  # whether xhat can differ from x (a controlled stage came before)
-        fixed = None if self.gain == "auto" else torch.as_tensor(
-            float(self.gain), dtype=x0.dtype, device=x0.device)
 
         def policy(t: int, xhat: Tensor) -> None:
-            stage, aff, rec = self.problem.stages[t], self.affines[t], records[t]
+            stage, aff, rec = stages[t], self.affines[t], records[t]
             if aff is not None and moved[0]:
                 dx = xhat - xs[t]
-                c = (rec.dx * dx).reshape(B, -1).sum(1).mul_(B)
-                cot = rec.dz * c.reshape((B,) + (1,) * (rec.dz.dim() - 1))
+                if dx.dim() == 2:
+                    c = torch.linalg.vecdot(rec.dx, dx)  # c_i / B
+                    cot = rec.dz * c.unsqueeze(1)
+                else:
+                    c = torch.linalg.vecdot(rec.dx.reshape(B, -1), dx.reshape(B, -1))
+                    cot = rec.dz * c.reshape((B,) + (1,) * (rec.dz.dim() - 1))
                 r = None
                 if self.vxx_reg > 0:  # h-change from the input at the old weights u - k
                     w_old = stage.controls[0] - ks[t][0]
                     r = aff.lin(aff.pre(xhat) - rec.a, (w_old,), bias=False)
-                    cot.add_(r, alpha=self.vxx_reg / B)
-                wg = aff.weight_grad(rec.a, cot, stage.controls[0].shape)
-                wg = tuple(self.reduce_mean(list(wg)))  # a local batch mean per rank
-                d = self._precondition(t, offsets[t], wg, P)  # d_t = -this
-                if fixed is None:
-                    gamma = self._gain(aff, rec, d, wg, r, B, raw)
-                else:
-                    gamma = fixed
-                if self.trust > 0:  # |gamma d| <= trust |k|
-                    d_norm = _hypot(torch._foreach_norm(d))
-                    cap = torch.nan_to_num_(k_norms[t].div(d_norm).mul_(self.trust), 0.0, 0.0,
-                                            0.0)
-                    bound.append(cap < gamma)
-                    gamma = torch.minimum(gamma, cap)
-                gains.append(gamma)
+                    cot.add_(r, alpha=self.vxx_reg / B ** 2)
+                wg = aff.weight_grad(rec.a, cot, stage.controls[0].shape)  # 1/B of the true
+                if self.comm is not None:
+                    wg = tuple(self.reduce_mean(list(wg)))  # a local batch mean per rank
+                D = self._direction(t, wg, None if den is None else den[slot[t]])  # noqa: N806
+                for v in D:  # non-finite feedback entries are dropped (the base update stays)
+                    torch.nan_to_num_(v, 0.0, 0.0, 0.0)
+                ratio = None  # the tensor factor of the applied step
+                if auto:
+                    lim = None if limits is None else limits[slot[t]]
+                    d = tuple(torch._foreach_mul(D, unit))  # -d_t
+                    gamma = self._gain(aff, rec, d, tuple(torch._foreach_mul(wg, float(B))),
+                                       r, B, raw)
+                    if lim is not None:  # |gamma d| <= trust |k|
+                        cap = torch.nan_to_num_(lim.div(_hypot(torch._foreach_norm(d))),
+                                                0.0, 0.0, 0.0)
+                        bound.append(cap < gamma)
+                        gamma = torch.minimum(gamma, cap)
+                    steps.append(gamma)
+                    ratio = gamma
+                elif thresholds is not None:
+                    d_norm = _hypot(torch._foreach_norm(D))
+                    bound.append(d_norm)
+                    theta = thresholds[slot[t]]
+                    ratio = theta.div(torch.maximum(theta, d_norm))
+                    steps.append(ratio)
                 if self.debug:
-                    self.last_debug.append({"t": t, "dx": dx, "d": tuple(-v for v in d),
-                                            "gamma": gamma, "c": c})
-                for u, di in zip(stage.controls, d, strict=True):
-                    # non-finite feedback entries are dropped (the base update stays)
-                    u.sub_(torch.nan_to_num_(di.mul_(gamma), 0.0, 0.0, 0.0))
+                    gamma = scale / unit if ratio is None else ratio * (scale / unit)
+                    self.last_debug.append({"t": t, "dx": dx, "d": tuple(-unit * v for v in D),
+                                            "gamma": torch.as_tensor(gamma), "c": c * B})
+                if ratio is None:
+                    torch._foreach_add_(stage.controls, D, alpha=-scale)
+                else:
+                    torch._foreach_addcmul_(stage.controls, D, [ratio] * len(D), value=-scale)
             if stage.controls:
                 moved[0] = True
             return None
 
         with torch.no_grad():  # Phi along the new trajectory is all it reports
-            traj = self.problem.policy_rollout(x0, y, policy, costs=False)
+            traj = self.problem.policy_rollout(x0, y, policy, costs=False, split=True)
         (after,) = self.reduce_mean([traj.objective])
-        clip = x0.new_zeros(())
-        if raw:  # clipped at 0 or gain_max, or not finite
-            g = torch.stack(raw)
-            clip = (~((g >= 0) & (g <= self.gain_max))).to(x0.dtype).mean()
-        return after, gains, _rate(bound, x0), clip
+        zero = x0.new_zeros(())
+        clip = rate = zero
+        if auto:
+            gains = torch.stack(steps) if steps else x0.new_zeros(0)
+            if raw:  # clipped at 0 or gain_max, or not finite
+                g = torch.stack(raw)
+                clip = (~((g >= 0) & (g <= self.gain_max))).mean(dtype=x0.dtype)
+            if bound:
+                rate = torch.stack(bound).mean(dtype=x0.dtype)
+        elif thr is not None and fed:
+            gains = torch.stack(steps)
+            if self.gain != 1:
+                gains.mul_(float(self.gain))
+            rate = (torch.stack(bound) > thr).mean(dtype=x0.dtype)  # the bound replaced gamma
+        else:
+            gains = zero.new_full((len(fed),), float(self.gain))
+        return after, gains, rate, clip
+
+    def _floored_denominators(self, denom: list[Tensor]) -> list[Tensor]:
+        """The base optimizer's denominators M floored at ``curvature_floor`` times their
+        mean per tensor."""
+        if self.curvature_floor <= 0:
+            return denom
+        floors = torch._foreach_mul(torch._foreach_norm(denom, 1),  # mean = L1 norm / numel
+                                    [self.curvature_floor / d.numel() for d in denom])
+        return list(torch._foreach_maximum(denom, floors))
+
+    def _direction(self, t: int, gs: Controls, den: list[Tensor] | None) -> tuple[Tensor, ...]:
+        """M_t^-1 gs (``gs`` itself for M = I; for kfac lr (G+)^-1 gs (A+)^-1, the Kronecker
+        base's own step, so that unit = B there)."""
+        if self.kronecker is not None:
+            return tuple(self.kronecker.apply(self.state, t, gs, self.affines[t].has_bias))
+        if den is None:
+            return tuple(gs)
+        return tuple(torch._foreach_div(gs, den))
 
     def _gain(self, aff: Affine, rec: StageRecord, d: tuple[Tensor, ...],
               wg: tuple[Tensor, ...], r: Tensor | None, B: int, raw: list[Tensor]  # noqa: N803
