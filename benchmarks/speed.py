@@ -335,6 +335,8 @@ def interleave(entries: list[Entry], steps: int, warmup: int, device: torch.devi
     for e in entries:
         if not e.ok:
             continue
+        if e.name.endswith("+compile"):  # the same arithmetic as its eager twin's row
+            continue
         limit = 5 * max_step_s if max_step_s else None  # counting slows a step down
         try:
             with time_limit(limit):
@@ -361,9 +363,12 @@ def selected_solvers(only: str | None) -> list[str]:
 
 
 def solver_entries(names: list[str], model: nn.Module, batch: Callable[[int], tuple],
-                   loss: str = "cross_entropy", tree: Tree | None = None) -> list[Entry]:
+                   loss: str = "cross_entropy", tree: Tree | None = None,
+                   compiled: bool = False) -> list[Entry]:
     """One entry per solver, each on its own deep copy of ``model``; refusals are kept.
-    With ``tree`` (``--versus``) the solvers come from that tree, named ``solver@versus``."""
+    With ``tree`` (``--versus``) the solvers come from that tree, named ``solver@versus``;
+    with ``compiled`` (``--compile``) every solver that takes ``compile=`` gets a second
+    entry ``solver+compile`` (its compiled path; the warm-up rounds absorb the compilation)."""
     make, problem_of, suffix = make_solver, to_problem, ""
     if tree is not None and tree.suffix:
         make, problem_of, suffix = tree.solvers.make_solver, tree.bridge.to_problem, tree.suffix
@@ -383,6 +388,18 @@ def solver_entries(names: list[str], model: nn.Module, batch: Callable[[int], tu
             return solver.step(x, y)
 
         entries.append(Entry(name, step))
+        if compiled and tree is None:
+            try:
+                twin = make(base_name, problem_of(copy.deepcopy(model), loss, 0.0),
+                            compile=True)
+            except Exception:  # noqa: BLE001, S112 - the solver has no compiled path
+                continue
+
+            def step_c(r: int, solver: Any = twin) -> Any:
+                x, y = batch(r)
+                return solver.step(x, y)
+
+            entries.append(Entry(name + "+compile", step_c))
     return entries
 
 
@@ -527,7 +544,8 @@ def section_networks(args, solvers: list[str], device: torch.device, results: di
     for net, (model, desc) in nets.items():
         la0 = loadavg()
         log(f"network {net}: {len(solvers)} solvers, load {la0}")
-        entries = solver_entries(solvers, model, lambda r: batches[r % len(batches)])
+        entries = solver_entries(solvers, model, lambda r: batches[r % len(batches)],
+                                 compiled=args.compile)
         if net in vnets:
             entries += solver_entries(solvers, same_weights(vnets[net][0], model),
                                       lambda r: batches[r % len(batches)],
@@ -787,6 +805,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "ocnet source tree TREE (e.g. a git worktree of the old commit), interleaved "
                     "with the current ones in the same process: rows 'NAME@versus' and a column "
                     "'cpu / versus' (current over TREE: median of the per-round ratios)")
+    ap.add_argument("--compile", action="store_true", help="also time each solver's compiled "
+                    "path (compile=True; rows 'NAME+compile') on the networks")
     ap.add_argument("--out", type=Path, help="write the tables to FILE.md and JSON to FILE.json")
     args = ap.parse_args(argv)
     q = args.quick

@@ -86,6 +86,7 @@ from ..ocp.problem import Problem, StageRecord
 from ..ocp.stage import Controls
 from ..ocp.structure import Affine
 from .base import GATE_REASON, Solver, StepInfo, grad_norm, register
+from .compiled import compile_mode, maybe_compile
 from .curvature import SGD, Adam, Kronecker, RMSprop, load_state, make_curvature, state_to_dict
 
 BASES = ("sgd", "momentum", "rmsprop", "adam", "kfac")
@@ -130,6 +131,74 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 def _rate(flags: list[Tensor], like: Tensor) -> Tensor:
     """The fraction of True flags (0 without any), as a device tensor (no host read)."""
     return torch.stack(flags).to(like.dtype).mean() if flags else like.new_zeros(())
+
+
+def feedback_direction(aff: Affine, xhat: Tensor, x: Tensor, g: Tensor, dz: Tensor,
+                       a: Tensor, w_shape: torch.Size, w_old: Tensor | None,
+                       den: list[Tensor] | None, vxx_reg: float, reduce: Any = None,
+                       precondition: Any = None
+                       ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor | None,
+                                  Tensor, Tensor]:
+    """One stage's feedback direction D_t (d_t = -unit D_t; see ``_feedback_pass``).
+
+    c'_i = g^i . dx^i, cot = delta c' (+ eps_v r / B^2), wg = weightgrad(a, cot) (1/B of
+    the true one), D = wg / den (``den`` None: M = I; ``precondition``: the Kronecker base),
+    non-finite entries dropped. ``reduce`` all-reduces wg (data parallel). Returns
+    (D, wg, r, c', dx). A function of tensors only: the compiled path traces it."""
+    B = x.shape[0]  # noqa: N806
+    dx = xhat - x
+    if dx.dim() == 2:
+        c = torch.linalg.vecdot(g, dx)
+        cot = dz * c.unsqueeze(1)
+    else:
+        c = torch.linalg.vecdot(g.reshape(B, -1), dx.reshape(B, -1))
+        cot = dz * c.reshape((B,) + (1,) * (dz.dim() - 1))
+    r = None
+    if w_old is not None:  # h-change from the input at the old weights u - k
+        r = aff.lin(aff.pre(xhat) - a, (w_old,), bias=False)
+        cot.add_(r, alpha=vxx_reg / B ** 2)
+    wg = aff.weight_grad(a, cot, w_shape)
+    if reduce is not None:
+        wg = tuple(reduce(list(wg)))  # a local batch mean per rank
+    if precondition is not None:
+        D = precondition(wg)  # noqa: N806
+    elif den is not None:
+        D = tuple(torch._foreach_div(wg, den))  # noqa: N806
+    else:
+        D = tuple(wg)  # noqa: N806
+    for v in D:  # non-finite feedback entries are dropped (the base update stays)
+        torch.nan_to_num_(v, 0.0, 0.0, 0.0)
+    return D, wg, r, c, dx
+
+
+def bounded_ratio(D: tuple[Tensor, ...], theta: Tensor) -> tuple[Tensor, Tensor]:  # noqa: N803
+    """rho = theta / max(theta, |D|) and |D| (the trust bound of a fixed gain)."""
+    d_norm = _hypot(torch._foreach_norm(D))
+    return theta.div(torch.maximum(theta, d_norm)), d_norm
+
+
+def apply_feedback(controls: tuple[Tensor, ...], D: tuple[Tensor, ...],  # noqa: N803
+                   ratio: Tensor | None, scale: float) -> None:
+    """controls -= scale ratio D in place (one foreach operation)."""
+    if ratio is None:
+        torch._foreach_add_(controls, D, alpha=-scale)
+    else:
+        torch._foreach_addcmul_(controls, D, [ratio] * len(D), value=-scale)
+
+
+def fixed_gain_stage(aff: Affine, xhat: Tensor, x: Tensor, g: Tensor, dz: Tensor, a: Tensor,
+                     w_old: Tensor | None, den: list[Tensor] | None, vxx_reg: float,
+                     controls: tuple[Tensor, ...], theta: Tensor | None, scale: float
+                     ) -> tuple[Tensor | None, Tensor | None]:
+    """The whole feedback of one stage with a fixed gain (what ``compile=`` compiles):
+    D_t, the trust ratio (``theta`` None: none) and the in-place update; (rho, |D|)."""
+    D = feedback_direction(aff, xhat, x, g, dz, a, controls[0].shape, w_old, den,  # noqa: N806
+                           vxx_reg)[0]
+    ratio = d_norm = None
+    if theta is not None:
+        ratio, d_norm = bounded_ratio(D, theta)
+    apply_feedback(controls, D, ratio, scale)
+    return ratio, d_norm
 
 
 @dataclass
@@ -193,6 +262,10 @@ class DDPNOpt(Solver):
         second_order: exact mode: expand the dynamics to the second order (the paper's
             "fully expanded" case): Qhat_xx += d2/dx2 (Vhat'_x . f), Qhat_ux += d/dx
             grad_u (Vhat'_x . f) per sample (default False: Gauss-Newton in the dynamics).
+        compile: ``False`` (default), ``True`` or an inductor mode (``"reduce-overhead"``:
+            CUDA graphs on a GPU): the base update and the fixed-gain stage feedback under
+            ``torch.compile`` (first-order bases, outer model; equal to the eager path to
+            rounding; :mod:`ocnet.solvers.compiled`).
         **options: the base optimizer's options (betas, eps, alpha, momentum, ...).
 
     Presets (``make_solver("ddpnopt", problem, preset="paper")``): ``paper`` =
@@ -210,7 +283,8 @@ class DDPNOpt(Solver):
                  damping: float = 1e-3, ema: float = 0.95, kfac_every: int = 1,
                  trust: float | None = None, vxx: str = "outer", vx: str = "backprop",
                  c_b: str = "joint", terminal_hessian: str = "exact",
-                 second_order: bool = False, **options: Any) -> None:
+                 second_order: bool = False, compile: bool | str = False,
+                 **options: Any) -> None:
         super().__init__(problem)
         if base not in BASES:
             raise unknown_name("ddpnopt base optimizer", base, BASES)
@@ -293,6 +367,17 @@ class DDPNOpt(Solver):
             self.kronecker = None
             self.curvature = make_curvature(base, self.lr, **options)
             self.state = self.curvature.init(self.params)
+        self.compile = compile_mode(compile, "ddpnopt")
+        if self.compile is not None and (self.exact or self.kronecker is not None):
+            raise ConfigError(
+                "ddpnopt compile=True compiles the first-order base update and the fixed-gain "
+                "feedback of the outer-product model; the exact model and the Kronecker base "
+                "have no compiled path. Use compile=False with vxx='exact' or base='kfac'")
+        self._base_update = None if self.curvature is None else maybe_compile(
+            self.curvature.update_with_diagonal, compile, "ddpnopt")
+        #: the fixed-gain stage feedback, eager or compiled (the auto gain, debug records
+        #: and data parallel runs take the eager general path)
+        self._fixed_gain_stage = maybe_compile(fixed_gain_stage, compile, "ddpnopt")
 
     # -------------------------------------------------------------- curvature
     def _inverse_curvatures(self, state: dict[str, Any] | None = None) -> list[Tensor] | float:
@@ -336,7 +421,7 @@ class DDPNOpt(Solver):
         stages = self.problem.stages
         if self.curvature is not None:
             flat = [g for gs in grads for g in gs]
-            k, self.state, self._denom = self.curvature.update_with_diagonal(flat, self.state)
+            k, self.state, self._denom = self._base_update(flat, self.state)
             torch._foreach_add_(self.params, k)
             out, i = [], 0
             for stage in stages:
@@ -422,32 +507,33 @@ class DDPNOpt(Solver):
                 thresholds = thr.clamp_min_(torch.finfo(thr.dtype).tiny).unbind()
         steps: list[Tensor] = []  # rho_t (fixed gain under the bound) or gamma_t (auto)
         bound: list[Tensor] = []  # |D_t| (fixed gain) or whether the bound bit (auto)
-        moved = [False]  # whether xhat can differ from x (a controlled stage came before)
+        fast = None
+        if not auto and not self.debug and self.comm is None and self.kronecker is None:
+            fast = self._fixed_gain_stage
 
         def policy(t: int, xhat: Tensor) -> None:
             stage, aff, rec = stages[t], self.affines[t], records[t]
-            if aff is not None and moved[0]:
-                dx = xhat - xs[t]
-                if dx.dim() == 2:
-                    c = torch.linalg.vecdot(rec.dx, dx)  # c_i / B
-                    cot = rec.dz * c.unsqueeze(1)
-                else:
-                    c = torch.linalg.vecdot(rec.dx.reshape(B, -1), dx.reshape(B, -1))
-                    cot = rec.dz * c.reshape((B,) + (1,) * (rec.dz.dim() - 1))
-                r = None
-                if self.vxx_reg > 0:  # h-change from the input at the old weights u - k
-                    w_old = stage.controls[0] - ks[t][0]
-                    r = aff.lin(aff.pre(xhat) - rec.a, (w_old,), bias=False)
-                    cot.add_(r, alpha=self.vxx_reg / B ** 2)
-                wg = aff.weight_grad(rec.a, cot, stage.controls[0].shape)  # 1/B of the true
-                if self.comm is not None:
-                    wg = tuple(self.reduce_mean(list(wg)))  # a local batch mean per rank
-                D = self._direction(t, wg, None if den is None else den[slot[t]])  # noqa: N806
-                for v in D:  # non-finite feedback entries are dropped (the base update stays)
-                    torch.nan_to_num_(v, 0.0, 0.0, 0.0)
+            if t in slot:
+                w_old = stage.controls[0] - ks[t][0] if self.vxx_reg > 0 else None
+                j = slot[t]
+                theta = None if thresholds is None else thresholds[j]
+                if fast is not None:  # the fixed gain without debug records or ranks
+                    ratio, d_norm = fast(aff, xhat, xs[t], rec.dx, rec.dz, rec.a, w_old,
+                                         den[j] if den is not None else None,
+                                         self.vxx_reg, stage.controls, theta, scale)
+                    if theta is not None:
+                        bound.append(d_norm)
+                        steps.append(ratio)
+                    return None
+                reduce = None if self.comm is None else self.reduce_mean
+                precondition = None if self.kronecker is None else \
+                    self._kronecker_apply(t)
+                D, wg, r, c, dx = feedback_direction(  # noqa: N806
+                    aff, xhat, xs[t], rec.dx, rec.dz, rec.a, stage.controls[0].shape, w_old,
+                    den[j] if den is not None else None, self.vxx_reg, reduce, precondition)
                 ratio = None  # the tensor factor of the applied step
                 if auto:
-                    lim = None if limits is None else limits[slot[t]]
+                    lim = None if limits is None else limits[j]
                     d = tuple(torch._foreach_mul(D, unit))  # -d_t
                     gamma = self._gain(aff, rec, d, tuple(torch._foreach_mul(wg, float(B))),
                                        r, B, raw)
@@ -458,22 +544,15 @@ class DDPNOpt(Solver):
                         gamma = torch.minimum(gamma, cap)
                     steps.append(gamma)
                     ratio = gamma
-                elif thresholds is not None:
-                    d_norm = _hypot(torch._foreach_norm(D))
+                elif theta is not None:
+                    ratio, d_norm = bounded_ratio(D, theta)
                     bound.append(d_norm)
-                    theta = thresholds[slot[t]]
-                    ratio = theta.div(torch.maximum(theta, d_norm))
                     steps.append(ratio)
                 if self.debug:
                     gamma = scale / unit if ratio is None else ratio * (scale / unit)
                     self.last_debug.append({"t": t, "dx": dx, "d": tuple(-unit * v for v in D),
                                             "gamma": torch.as_tensor(gamma), "c": c * B})
-                if ratio is None:
-                    torch._foreach_add_(stage.controls, D, alpha=-scale)
-                else:
-                    torch._foreach_addcmul_(stage.controls, D, [ratio] * len(D), value=-scale)
-            if stage.controls:
-                moved[0] = True
+                apply_feedback(stage.controls, D, ratio, scale)
             return None
 
         with torch.no_grad():  # Phi along the new trajectory is all it reports
@@ -506,14 +585,10 @@ class DDPNOpt(Solver):
                                     [self.curvature_floor / d.numel() for d in denom])
         return list(torch._foreach_maximum(denom, floors))
 
-    def _direction(self, t: int, gs: Controls, den: list[Tensor] | None) -> tuple[Tensor, ...]:
-        """M_t^-1 gs (``gs`` itself for M = I; for kfac lr (G+)^-1 gs (A+)^-1, the Kronecker
-        base's own step, so that unit = B there)."""
-        if self.kronecker is not None:
-            return tuple(self.kronecker.apply(self.state, t, gs, self.affines[t].has_bias))
-        if den is None:
-            return tuple(gs)
-        return tuple(torch._foreach_div(gs, den))
+    def _kronecker_apply(self, t: int) -> Any:
+        """The Kronecker base's own step lr (G+)^-1 gs (A+)^-1 at stage t (so unit = B)."""
+        has_bias = self.affines[t].has_bias
+        return lambda gs: tuple(self.kronecker.apply(self.state, t, gs, has_bias))
 
     def _gain(self, aff: Affine, rec: StageRecord, d: tuple[Tensor, ...],
               wg: tuple[Tensor, ...], r: Tensor | None, B: int, raw: list[Tensor]  # noqa: N803

@@ -19,6 +19,7 @@ from torch import Tensor
 from ..ocp.errors import CheckpointError, ConfigError, unknown_name
 from ..ocp.problem import Problem
 from .base import GATE_REASON, Solver, StepInfo, grad_norm, register, where_tree
+from .compiled import compile_mode, maybe_compile
 from .curvature import FIRST_ORDER, Curvature, load_state, make_curvature, state_to_dict
 
 #: the base optimizers by name (their torch.optim twins)
@@ -46,6 +47,9 @@ class GradientSolver(Solver):
         optimizer: ``"sgd"``, ``"momentum"`` (SGD with momentum 0.9 unless given),
             ``"rmsprop"`` or ``"adam"``.
         lr: the learning rate (default per optimizer: ``DEFAULT_LR``).
+        compile: ``False`` (default), ``True`` or an inductor mode (``"reduce-overhead"``:
+            CUDA graphs on a GPU): the base update under ``torch.compile`` (static shapes;
+            equal to the eager update to rounding; :mod:`ocnet.solvers.compiled`).
         **options: the base optimizer's options, named as in ``torch.optim``
             (``momentum``, ``dampening``, ``nesterov``; ``alpha``, ``eps``, ``centered``;
             ``betas``, ``eps``, ``amsgrad``).
@@ -70,7 +74,7 @@ class GradientSolver(Solver):
     """
 
     def __init__(self, problem: Problem, optimizer: str = "adam", lr: float | None = None,
-                 **options: Any) -> None:
+                 *, compile: bool | str = False, **options: Any) -> None:
         super().__init__(problem)
         if optimizer not in FIRST_ORDER:
             raise unknown_name("optimizer", optimizer, list(FIRST_ORDER))
@@ -83,6 +87,8 @@ class GradientSolver(Solver):
             raise ConfigError(f"{problem!r} has no controls to optimise")
         self.curvature: Curvature = make_curvature(optimizer, self.lr, **options)
         self.state = self.curvature.init(self.params)
+        self.compile = compile_mode(compile, optimizer)
+        self._update = maybe_compile(self.curvature.update, compile, optimizer)
 
     #: the base update is a finite function of a finite gradient and a finite state, so
     #: the finiteness guard only needs to look at the loss and the gradient before it
@@ -97,7 +103,7 @@ class GradientSolver(Solver):
         if ok is False:
             return StepInfo(loss=loss, accepted=False, grad_norm=norm, reason=GATE_REASON)
         flat = [g for gs in grads for g in gs]
-        k, state = self.curvature.update(flat, self.state)
+        k, state = self._update(flat, self.state)
         if isinstance(ok, Tensor):  # decided on the device: a zero step, the old state
             k = [torch.where(ok, v, 0.0) for v in k]
             state = where_tree(ok, state, self.state)
