@@ -16,10 +16,6 @@ Exceptions, each a host decision that is part of the algorithm (see ``docs/devic
   dtype round trip is tested in ``tests/test_ipopt.py``.
 - ``ddp``: the Levenberg-Marquardt accept/reject retry loop reads ``bool(J_new < J)`` on
   the host once per trial (``ocnet/solvers/ddp.py``); it runs without the guard.
-- ``ddpnopt`` with the default Adam base reads ``torch.optim``'s step counter, a CPU
-  tensor, with ``float()``: not a device synchronisation (CUDA's sync debug mode does not
-  see it), but the CPU emulation cannot tell a host scalar from a device tensor, so on the
-  CPU it runs with the emulation off. Its sgd/rmsprop/kfac bases run under the emulation.
 - ``torch.optim.Adam`` (``--solver adam``) reads the same CPU step counter with ``.item()``
   inside ``torch.optim``; that one read is let through (``_host_step_counters``).
 - E-MSA's ``torch-lbfgs`` inner solver and the port-Hamiltonian ``ode`` integrator use
@@ -54,7 +50,6 @@ HOST_SOLVERS = {r.name for r in solver_records() if not r.on_device}
 #: solvers whose step contains an inherent host decision: run without the guard
 UNGUARDED = {r.name for r in solver_records() if r.host_sync} - HOST_SOLVERS
 #: solvers whose only host read is torch.optim's CPU step counter (no device sync)
-CPU_COUNTER = {"ddpnopt"}
 SOLVERS = sorted((set(solver_names()) | {"ddp", "ddpnopt"}) - HOST_SOLVERS)
 DTYPES = [torch.float32, torch.float64]
 
@@ -147,8 +142,7 @@ def test_solver_steps_stay_on_the_device(name: str, device: str, dtype: torch.dt
     if name in ("ddp", "ddpnopt"):
         pytest.importorskip(f"ocnet.solvers.{name}")
     guarded = name not in UNGUARDED
-    emulate = name not in CPU_COUNTER
-    j0, j, infos = _run(name, device, dtype, emulate=emulate, guarded=guarded)
+    j0, j, infos = _run(name, device, dtype, guarded=guarded)
     if name == "msa":  # basic MSA may diverge; its guarantee is per-layer ascent of H
         for info in infos:
             assert bool((info.extra["htilde_after"] >= info.extra["htilde_before"]).all())
@@ -157,7 +151,7 @@ def test_solver_steps_stay_on_the_device(name: str, device: str, dtype: torch.dt
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("base", ["sgd", "rmsprop", "kfac"])
+@pytest.mark.parametrize("base", ["sgd", "rmsprop", "adam", "kfac"])
 def test_ddpnopt_bases_without_host_reads(device: str, base: str) -> None:
     pytest.importorskip("ocnet.solvers.ddpnopt")
     j0, j, _ = _run("ddpnopt", device, torch.float64, base=base)
