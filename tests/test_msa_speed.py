@@ -138,6 +138,7 @@ def _two_loop_lbfgs(self, z, phi, g, fr, history):
 
 
 @pytest.mark.parametrize("options", [{"history": 3, "inner_iters": 9},  # a full memory
+                                     {"history": 1, "inner_iters": 8},  # window moves 3 times
                                      {"inner_iters": 6, "weight_decay": 1e-3},
                                      {"inner": "gd", "inner_iters": 5}])
 def test_compact_lbfgs_iterates_equal_the_two_loop_recursion(options):
@@ -188,7 +189,8 @@ def _bookkeeping_ops(depth: int) -> int:
     x, y = _data()
     z, g, fr = _frozen(solver, x, y)
     phi, gz = solver.evaluate(z, fr)
-    solver.evaluate = lambda zc, fr, need_grad=True: (phi - 1e-3, gz * 0.5)  # accepted trials
+    # accepted trials (the gradient row `out` is left as it is)
+    solver.evaluate = lambda zc, fr, need_grad=True, out=None: (phi - 1e-3, gz * 0.5)
     with _Ops() as ops:
         solver._lbfgs(z, phi, g, fr, None)
     return ops.ops
@@ -253,6 +255,27 @@ def test_closed_form_evaluation_equals_autograd(name, rho, scaling):
     phi_only, none = solver.evaluate(zc, fr, need_grad=False)
     assert none is None
     torch.testing.assert_close(phi_only, phi, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "relu", "residual"])
+def test_closed_form_reused_buffers_and_out_equal_autograd(name):
+    """The closed form keeps its temporaries between evaluations and writes into a given
+    gradient row: repeated evaluations at other points and another batch size still equal
+    the autograd evaluation (float64), and the gradient is the ``out`` tensor."""
+    g = torch.Generator().manual_seed(3)
+    solver = EMSA(to_problem(_nets()[name], "cross_entropy"), rho=2.0, weight_decay=1e-3)
+    for b in (7, 7, 4):
+        x, y = torch.randn(b, 6, generator=g, dtype=DT), torch.randint(0, 3, (b,), generator=g)
+        z, _, fr = _frozen(solver, x, y)
+        fr.rho = 2.0
+        for _ in range(2):
+            zc = z + 0.3 * torch.randn(z.shape, generator=g, dtype=DT)
+            out = torch.full_like(z, float("nan"))
+            phi, grad = solver.evaluate(zc, fr, out=out)
+            assert fr.closed and grad is out
+            phi_ref, grad_ref = solver._finish(zc, *solver._evaluate_autograd(zc, fr))
+            torch.testing.assert_close(phi, phi_ref, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("name", ["mlp", "residual"])

@@ -242,6 +242,60 @@ def test_check_every_stops_the_loop_early():
     assert n_calls < 500 and n_calls % 5 == 1  # 5k no-graph iterations + the last one
 
 
+@pytest.mark.parametrize("shape", ["exponential", "soft_ce"])
+@pytest.mark.parametrize("d", [1, 2])
+def test_host_checks_change_nothing_but_the_work(d, shape):
+    """Checking every iteration (the preset) skips masks and stops early, but gives the same
+    outputs, counts and flags as never checking (every update masked on the device). With
+    differentiate="all": in "last" mode the final update runs after the stop, on the next
+    noise slice, by design."""
+    mu0 = torch.tensor([[0.9], [1.6], [-0.3], [3.0]], dtype=F64).repeat(1, d)
+    n_iter = 40
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(n_iter, 4, 30, d, dtype=F64, generator=g)
+    opts = dict(sigma0=0.5, kappa=5.0, var_floor=1e-12, tol=1e-4, shape=shape,
+                elite_frac=0.3, differentiate="all")
+    ref = novas(double_well, mu0, n_iter=n_iter, noise=noise, check_every=0, **opts)
+    assert len(set(ref.iterations.tolist())) > 1  # the elements freeze at different times
+    for every in (1, 3):
+        res = novas(double_well, mu0, n_iter=n_iter, noise=noise, check_every=every, **opts)
+        torch.testing.assert_close(res.y, ref.y, rtol=0, atol=0)
+        torch.testing.assert_close(res.sigma, ref.sigma, rtol=0, atol=0)
+        assert res.iterations.tolist() == ref.iterations.tolist()
+        assert res.converged.tolist() == ref.converged.tolist()
+
+
+@pytest.mark.parametrize("shape", ["exponential", "soft_ce"])
+def test_equal_energies_keep_the_mean_and_floor_the_spread(shape):
+    # all-equal scores: every weight is 0 (min-max maps them to 0), so the mean stays and
+    # sigma' = sqrt(var_floor)
+    mu0 = torch.tensor([[0.5, -1.0], [2.0, 0.0]], dtype=F64)
+    step = novas_step(lambda Y: torch.zeros(Y.shape[:2], dtype=Y.dtype), mu0,
+                      torch.ones_like(mu0), torch.randn(2, 10, 2, dtype=F64), shape=shape,
+                      var_floor=0.25)
+    if shape == "soft_ce":
+        torch.testing.assert_close(step[0], mu0, rtol=0, atol=0)
+        torch.testing.assert_close(step[1], torch.full_like(mu0, 0.5), rtol=0, atol=0)
+    else:  # softmax of all-zero scores: uniform weights, a finite update
+        assert bool(torch.isfinite(step[0]).all() and torch.isfinite(step[1]).all())
+
+
+def test_updates_with_and_without_autograd_are_the_same_numbers():
+    """The no-graph iterations and the differentiated one run the same operations."""
+    torch.manual_seed(0)
+    net = EnergyNet(dx=2, dy=1).to(F64)
+    x = torch.randn(5, 2, dtype=F64)
+    noise = torch.randn(4, 5, 40, 1, dtype=F64, generator=torch.Generator().manual_seed(4))
+    opts = dict(n_iter=4, shape="soft_ce", tol=1e-4, check_every=1, noise=noise)
+    with torch.no_grad():
+        free = novas(lambda Y: net(x, Y), torch.zeros(5, 1, dtype=F64), **opts)
+    graph = novas(lambda Y: net(x, Y), torch.zeros(5, 1, dtype=F64), differentiate="all",
+                  **opts)
+    assert graph.y.requires_grad
+    torch.testing.assert_close(graph.y.detach(), free.y, rtol=0, atol=0)
+    torch.testing.assert_close(graph.sigma.detach(), free.sigma, rtol=0, atol=0)
+
+
 def test_lml_is_the_projection_and_its_gradient_is_right():
     z = torch.randn(4, 12, dtype=F64, generator=torch.Generator().manual_seed(0)) * 3
     p = lml(z, 3)

@@ -210,9 +210,9 @@ def test_emsa_starts_the_inner_solver_at_the_perturbed_controls():
     seen: list[torch.Tensor] = []
     evaluate = solver.evaluate
 
-    def spy(z, fr, need_grad=True):  # noqa: ANN202
+    def spy(z, fr, need_grad=True, **kw):  # noqa: ANN202
         seen.append(z.detach().clone())
-        return evaluate(z, fr, need_grad)
+        return evaluate(z, fr, need_grad, **kw)
 
     solver.evaluate = spy
     info = solver.step(x, y)

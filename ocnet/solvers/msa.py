@@ -358,10 +358,12 @@ def _dense_spec(problem: Problem, t: int) -> _DenseSpec | None:
                       None if step is None else float(step))
 
 
-def _vdot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-layer dot products of two (k, ...) tensors: (k,), one batched product."""
+def _vdot(a: Tensor, b: Tensor, tmp: Tensor | None = None) -> Tensor:
+    """Per-layer dot products of two (k, ...) tensors: (k,), a product (into ``tmp``, a
+    contiguous tensor shaped like them, when given) and a sum. (Not a (k, 1, N) @ (k, N, 1)
+    bmm: BLAS runs that shape 4-10x slower.)"""
     k = a.shape[0]
-    return torch.bmm(a.reshape(k, 1, -1), b.reshape(k, -1, 1)).view(k)
+    return torch.mul(a, b, out=tmp).view(k, -1).sum(1)
 
 
 class _DenseClosedForm:
@@ -385,6 +387,7 @@ class _DenseClosedForm:
 
     def __init__(self, groups: list[_DenseGroup]) -> None:
         self.groups = groups
+        self._buffers: dict[int, tuple[Any, dict[str, Tensor]]] = {}
 
     @classmethod
     def build(cls, problem: Problem, lay: _Layout) -> _DenseClosedForm | None:
@@ -435,69 +438,93 @@ class _DenseClosedForm:
                 out.append(_DenseFrozen(A, hP, -hP, A - Xo, Pi - Po, _vdot(Po, A), bias))
         return out
 
+    def _scratch(self, gi: int, out: Tensor, inp: Tensor) -> dict[str, Tensor]:
+        """Group ``gi``'s temporaries, shaped like its outputs (k, B, m) or inputs (k, B, n),
+        kept from evaluation to evaluation: made afresh, the large ones cost a page fault
+        per 4 KiB at every evaluation (batch 256, width 512: about a quarter of the step)."""
+        key = (out.shape, inp.shape, out.dtype, out.device)
+        ws = self._buffers.get(gi)
+        if ws is None or ws[0] != key:
+            bufs = {name: out.new_empty(out.shape) for name in ("y", "dx", "s1n", "dn", "v",
+                                                                "tmp")}
+            bufs["mask"] = out.new_empty(out.shape, dtype=torch.bool)
+            bufs["r"], bufs["tmp_in"] = inp.new_empty(inp.shape), inp.new_empty(inp.shape)
+            ws = (key, bufs)
+            self._buffers[gi] = ws
+        return ws[1]
+
     def evaluate(self, z: Tensor, frozen: list[_DenseFrozen], wx: float, wp: float,
-                 need_grad: bool) -> tuple[Tensor, Tensor | None]:
+                 need_grad: bool, out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """phi per layer (L,) and d(sum phi)/dz at the flat controls z (penalty weights
-        wx, wp; both 0: basic MSA)."""
+        wx, wp; both 0: basic MSA), the gradient written into ``out`` when given."""
         penalised = wx != 0 or wp != 0
-        grad = z.new_empty(z.numel()) if need_grad else None
+        grad = None if not need_grad else z.new_empty(z.numel()) if out is None else out
         phis = []
-        for g, c in zip(self.groups, frozen, strict=True):
+        for gi, (g, c) in enumerate(zip(self.groups, frozen, strict=True)):
             sp, k = g.spec, g.count
             m, mn, act = sp.m, sp.m * sp.n, sp.act
             h = 1.0 if sp.step is None else sp.step
+            buf = self._scratch(gi, c.hP, c.A)
+
             zg = z.narrow(0, g.offset, k * sp.size).view(k, sp.size)
             W = zg[:, :mn].view(k, m, sp.n)  # noqa: N806
             Wt = W.transpose(1, 2)  # noqa: N806
             b = zg[:, mn:].view(k, 1, m) if sp.bias else c.bias
-            y = torch.bmm(c.A, Wt) if b is None else torch.baddbmm(b, c.A, Wt)
+            y = buf["y"]
+            if b is None:
+                torch.bmm(c.A, Wt, out=y)
+            else:
+                torch.baddbmm(b, c.A, Wt, out=y)
             mask = None
             if act == "tanh":
-                y = y.tanh_()
+                y.tanh_()
             elif act == "relu":
-                y = y.relu_()
-                mask = y > 0
-            phi = _vdot(c.negHP, y)  # -h p_{t+1}.y
+                y.relu_()
+                mask = torch.gt(y, 0, out=buf["mask"])
+            phi = _vdot(c.negHP, y, buf["tmp"])  # -h p_{t+1}.y
             if c.H0 is not None:
                 phi = phi.sub_(c.H0)
             s1n = dn = None
             if penalised:
-                dx = torch.add(c.D0, y, alpha=h)
+                dx = torch.add(c.D0, y, alpha=h, out=buf["dx"])
                 if act == "tanh":
-                    s1n = torch.addcmul(y.new_full((), -1.0), y, y)  # -act'(z) = y^2 - 1
-                    dn = c.hP * s1n                                  # -delta
+                    s1n = torch.addcmul(y.new_full((), -1.0), y, y, out=buf["s1n"])  # -act'(z)
+                    dn = torch.mul(c.hP, s1n, out=buf["dn"])                        # -delta
                 elif act == "relu":
-                    dn = c.negHP * mask
+                    dn = torch.mul(c.negHP, mask, out=buf["dn"])
                 else:
                     dn = c.negHP
-                r = torch.baddbmm(c.PinC, dn, W)  # p_t - dH/dx
-                phi = phi.add_(_vdot(dx, dx), alpha=wx).add_(_vdot(r, r), alpha=wp)
+                r = torch.baddbmm(c.PinC, dn, W, out=buf["r"])  # p_t - dH/dx
+                phi = phi.add_(_vdot(dx, dx, buf["tmp"]), alpha=wx).add_(
+                    _vdot(r, r, buf["tmp_in"]), alpha=wp)
             phis.append(phi)
             if grad is None:
                 continue
             if penalised:
                 if act == "tanh":
-                    v = torch.bmm(r, Wt).mul_(y)
-                    v = torch.addcmul(c.hP, c.hP, v, value=-4.0 * wp)
+                    v = torch.bmm(r, Wt, out=buf["v"]).mul_(y)
+                    v = torch.addcmul(c.hP, c.hP, v, value=-4.0 * wp, out=v)
                     gz = v.sub_(dx, alpha=2.0 * wx * h).mul_(s1n)
                 else:
-                    gz = torch.add(c.negHP, dx, alpha=2.0 * wx * h)
+                    gz = torch.add(c.negHP, dx, alpha=2.0 * wx * h, out=buf["v"])
                     if mask is not None:
                         gz = gz.mul_(mask)
-                gw = torch.bmm(gz.transpose(1, 2), c.A)
-                gw = gw.baddbmm_(dn.transpose(1, 2), r, alpha=2.0 * wp)
             else:
                 if act == "tanh":
-                    gz = torch.addcmul(y.new_full((), -1.0), y, y).mul_(c.hP)
+                    gz = torch.addcmul(y.new_full((), -1.0), y, y, out=buf["v"]).mul_(c.hP)
                 elif mask is not None:
-                    gz = c.negHP * mask
+                    gz = torch.mul(c.negHP, mask, out=buf["v"])
                 else:
                     gz = c.negHP
-                gw = torch.bmm(gz.transpose(1, 2), c.A)
+            # the weight gradient straight into its (strided) place in the flat gradient:
+            # no (k, m, n) temporary and no copy of it
             gg = grad.narrow(0, g.offset, k * sp.size).view(k, sp.size)
-            gg[:, :mn].copy_(gw.view(k, mn))
+            gw = gg[:, :mn].view(k, m, sp.n)
+            torch.bmm(gz.transpose(1, 2), c.A, out=gw)
+            if penalised:
+                gw.baddbmm_(dn.transpose(1, 2), r, alpha=2.0 * wp)
             if sp.bias:
-                gg[:, mn:].copy_(gz.sum(1))
+                torch.sum(gz, 1, out=gg[:, mn:])
         return (phis[0] if len(phis) == 1 else torch.cat(phis)), grad
 
 
@@ -706,18 +733,24 @@ class EMSA(Solver):
         # sum over ranks of |dx|^2 (x W after the mean) and p carrying 1/B_l = W/B (/ W^2)
         return 0.5 * rho * w, 0.5 * rho / w
 
-    def evaluate(self, z: Tensor, fr: _Frozen, need_grad: bool = True
-                 ) -> tuple[Tensor, Tensor | None]:
-        """phi = -Htilde per layer (L,) at the flat controls ``z``, and d(sum phi)/dz."""
+    def evaluate(self, z: Tensor, fr: _Frozen, need_grad: bool = True,
+                 out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """phi = -Htilde per layer (L,) at the flat controls ``z``, and d(sum phi)/dz (written
+        into ``out`` when given, a flat vector like ``z``, and returned as that tensor)."""
         self.evaluations += 1
         z = z.detach()
         if self.closed_form is not None and fr.closed is None:
             fr.closed = self.closed_form.freeze(self.problem, fr) or False
         if fr.closed:
-            phi, grad = self.closed_form.evaluate(z, fr.closed, *self._penalty(fr), need_grad)
+            phi, grad = self.closed_form.evaluate(z, fr.closed, *self._penalty(fr), need_grad,
+                                                  out=out)
         else:
             phi, grad = self._evaluate_autograd(z, fr, need_grad)
-        return self._finish(z, phi, grad)
+        phi, grad = self._finish(z, phi, grad)
+        if out is not None and grad is not None and grad is not out:
+            out.copy_(grad)
+            grad = out
+        return phi, grad
 
     def _penalty(self, fr: _Frozen) -> tuple[float, float]:
         """(wx, wp), the factors of sum_i |dx^i|^2 and sum_i |dp^i|^2 (0, 0 when rho = 0)."""
@@ -775,8 +808,8 @@ class EMSA(Solver):
         lay = self.layout
         if self.weight_decay:  # the solver's own l = wd/2 |u|^2, in closed form
             phi = phi + 0.5 * self.weight_decay * lay.dot(z, z)
-            if grad is not None:
-                grad = grad + self.weight_decay * z
+            if grad is not None:  # in place: the evaluation's own (or its out) tensor
+                grad = grad.add_(z, alpha=self.weight_decay)
         if self.comm is not None:  # data parallel: phi and its gradient are batch means
             if grad is None:
                 (phi,) = self.reduce_mean([phi])
@@ -785,16 +818,16 @@ class EMSA(Solver):
         return phi, grad
 
     # ------------------------------------------------------------------ inner solvers
-    def _workspace(self, n: int, m: int, like: Tensor) -> tuple[Tensor, ...]:
-        """The inner solver's full-size buffers (memory (m, 2, n), (4, n), (n,)), kept
-        from step to step: allocating (and for the memory, zero-filling) them afresh every
-        step cost more than the L-BFGS arithmetic on wide networks."""
-        key = (n, m, like.dtype, like.device)
+    def _workspace(self, rows: int, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The inner solver's full-size buffers (the rows (rows, n) and a trial point (n,)),
+        kept from step to step: allocating them afresh every step cost more than the L-BFGS
+        arithmetic on wide networks."""
+        key = (rows, n, like.dtype, like.device)
         ws = self.__dict__.get("_lbfgs_buffers")
         if ws is None or ws[0] != key:
-            ws = (key, like.new_empty(m, 2, n), like.new_empty(4, n), like.new_empty(n))
+            ws = (key, like.new_empty(rows, n), like.new_empty(n))
             self._lbfgs_buffers = ws
-        return ws[1:]
+        return ws[1], ws[2]
 
     def _lbfgs(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen, history: int | None
                ) -> tuple[Tensor, Tensor]:
@@ -802,140 +835,141 @@ class EMSA(Solver):
 
         The direction is the two-loop recursion's -H g in its compact form (Byrd, Nocedal,
         Schnabel 1994), per layer: with the pairs oldest to newest, a = S'g, b = Y'g,
-        R = triu(S'Y) (R_ii = 1 for an empty slot, whose s = y = 0), D = diag(S'Y),
+        R = triu(S'Y) (R_ii = 1 for a position that holds no pair), D = diag(S'Y),
 
             H g = gamma g + S v_s + Y v_y,   w = R^-1 a,   v_y = -gamma w,
             v_s = R^-T ((D + gamma Y'Y) w - gamma b),
 
         the same linear map as the two loops with H_0 = gamma I (and g.d = -(v_s.a + v_y.b)
-        - gamma g.g). S'Y, Y'Y and (S'g, Y'g) are kept per layer and updated from one
-        batched product of the memory with (s_new, y_new, g_new), so an iteration reads the
-        memory twice (that product and the combination), whatever the memory size and the
-        number of layers; everything else is a few passes over the flat vector and small
-        (layers, m, m) algebra.
+        - gamma g.g). S'Y, Y'Y and (S'g, Y'g) are kept per layer.
+
+        The full-size vectors live in the rows of one buffer, a window of the memory
+        ``y_0, s_0, ..., y_{c-1}, s_{c-1}`` (oldest first) followed by the current gradient g.
+        An iteration reads the window twice, in two batched products per run of layers:
+
+        1. the trial step ``tau d`` from the window and g (one product: g is the next row),
+           written into the row after g;
+        2. after the evaluation, whose gradient is written into the row after that, the
+           new gradient (g where rejected) and ``y = g_new - g`` over g: the rows
+           ``y_c, s_c, g_new`` now end the window, and their products with the whole window
+           (themselves included) give the new Gram entries, the curvature test and
+           ``g_new . g_new``.
+
+        So the new pair is never copied into the memory, y needs no buffer of its own and
+        the step needs no separate update with g. A position whose pair is not kept (a
+        rejected trial, or ``s.y`` too small) keeps its rows; its Gram entries are 0, which
+        makes its coefficients in step 1 exactly 0. Once the memory holds ``history`` pairs
+        the window drops its oldest pair (it moves on by two rows; when it reaches the end
+        of the buffer it is copied back to the front, at most every ``history`` iterations).
+        Everything else is a few passes over the flat vector and small (layers, m, m)
+        algebra.
         """
         lay = self.layout
         m = self.history if history is None else history
         n, L = z.numel(), lay.L  # noqa: N806
-        # Full-size buffers, kept by the solver from step to step (never zero-filled: every
-        # slot of the memory is written before it is read). X holds (g_a, s, y, g_b): the
-        # current and the new gradient alternate between rows 0 and 3, so (s, y, g_new) is
-        # always the contiguous X[1:4] or X[0:3], the rows of the products below.
-        M, X, ZC = self._workspace(n, m, z)  # noqa: N806
+        iters = self.inner_iters
+        # 2 rows per kept pair, then g, the trial step and the new gradient; a buffer that
+        # would need more than 4m + 4 rows moves its window back instead (see above)
+        rows = 3 if not m else min(2 * iters + 1, 4 * m + 4)
+        Q, ZC = self._workspace(rows, n, z)  # noqa: N806 - never zero-filled: rows are written before they are read
         z = z.clone()
-        X[0] = g
+        Q[0] = g
         # The run views of the buffers, made once: an iteration's full-size work is then one
-        # operator per run (no view bookkeeping), and the per-layer scalars are (L, 1)
-        # columns sliced per run.
-        rv = lay.run_views
+        # operator per run, and the per-layer scalars are (L, 1) columns sliced per run.
         spans, j = [], 0
         for _, k, _ in lay.runs:
             spans.append((j, j + k))
             j += k
-        Zr, Xr = rv(z), rv(X)  # noqa: N806 - X runs: (4, k, size)
-        MHr = [rv(M[h]) for h in range(m)]  # noqa: N806 - slot h's runs: (2, k, size)
-        Sr, SYr = [x[1] for x in Xr], [x[1:3] for x in Xr]  # noqa: N806
-        Su = [v.unsqueeze(1) for v in Sr]  # noqa: N806
-        Gr = ([x[0] for x in Xr], [x[3] for x in Xr])  # noqa: N806 - current gradient, by parity
-        VT = ([x[1:4].transpose(0, 1) for x in Xr], [x[:3].transpose(0, 1) for x in Xr])  # noqa: N806
-        Mt = [v.transpose(0, 1) for v in rv(M.view(2 * m, n))]  # noqa: N806 - (k, 2m, size)
-        par = 0  # the current gradient is X[0] (par 0) or X[3] (par 1)
-        if m:  # the first L-BFGS step: torch's scaling lr * min(1, 1/|g|_1)
-            SY = z.new_zeros(L, m, m)  # noqa: N806 - s_i . y_j per layer (slot coordinates)
-            YY = z.new_zeros(L, m, m)  # noqa: N806 - y_i . y_j per layer
-            AB = z.new_zeros(L, m, 2)  # noqa: N806 - (s_j . g, y_j . g) per layer
-            empty = z.new_ones(L, m)  # 1: slot j holds no pair for that layer
-            # age order of the slots once the memory is full: row h lists h, h+1, ... (mod m)
-            order = (torch.arange(m, device=z.device)[:, None]
-                     + torch.arange(m, device=z.device)) % m
+        Zr, Qr = lay.run_views(z), lay.run_views(Q)  # noqa: N806 - Q runs: (rows, k, size)
+        if m:
+            # window positions, oldest first (m + 1: the new pair before the oldest is dropped)
+            SY = z.new_zeros(L, m + 1, m + 1)  # noqa: N806 - s_i . y_j (i <= j) per layer
+            YY = z.new_zeros(L, m + 1, m + 1)  # noqa: N806 - y_i . y_j per layer
+            AB = z.new_zeros(L, m + 1, 2)  # noqa: N806 - (s_j . g, y_j . g) per layer
+            # position j holds a pair
+            kept = torch.zeros(L, m + 1, dtype=torch.bool, device=z.device)
             zero = z.new_zeros(())
+            # the first L-BFGS step: torch's scaling lr * min(1, 1/|g|_1)
             gamma = self.lr * torch.clamp(1.0 / lay.seg_sum(g.abs()), max=1.0)
             gamma = torch.nan_to_num(gamma, nan=self.lr, posinf=self.lr)
         else:
             gamma = torch.full((L,), self.lr, dtype=z.dtype, device=z.device)
         tau = torch.ones(L, dtype=z.dtype, device=z.device)
-        head, count = 0, 0
+        w, count = 0, 0  # the window's first row; pairs added so far
         gg = lay.dot(g, g)
-        s_row = X[1]
-        for _ in range(self.inner_iters):
-            g, g_new = (X[0], X[3]) if par == 0 else (X[3], X[0])
-            G, GN, vt = Gr[par], Gr[1 - par], VT[par]  # noqa: N806
-            i_s, i_y, i_g = (0, 1, 2) if par == 0 else (1, 2, 0)  # rows of (s, y, g_new) in vt
+        for _ in range(iters):
             c = min(count, m)
-            ng = (-gamma)[:, None]
+            if w + 2 * c + 3 > rows:  # back to the front (w >= 2c + 2: no overlap)
+                Q[:2 * c + 1].copy_(Q[w:w + 2 * c + 1])
+                w = 0
+            ig, i_s, i_n = w + 2 * c, w + 2 * c + 1, w + 2 * c + 2  # rows of g, s, g_new
+            ng = (-gamma * tau)[:, None]
             if c:
-                # slots 0..c-1 are in use; oldest first is slot `head` once the memory is full
-                shift = head if c == m else 0
-                ab, sy, yy, e = AB[:, :c], SY[:, :c, :c], YY[:, :c, :c], empty[:, :c]
-                if shift:
-                    idx = order[shift]
-                    ab, e = ab.index_select(1, idx), e.index_select(1, idx)
-                    sy = sy.index_select(1, idx).index_select(2, idx)
-                    yy = yy.index_select(1, idx).index_select(2, idx)
-                a, b = ab[:, :, :1], ab[:, :, 1:]  # (L, c, 1), oldest first
-                R = sy.triu() + torch.diag_embed(e)  # noqa: N806
+                a, b = AB[:, :c, :1], AB[:, :c, 1:]  # (L, c, 1), oldest first
+                sy, yy = SY[:, :c, :c], YY[:, :c, :c]
+                R = sy.triu() + torch.diag_embed((~kept[:, :c]).to(z.dtype))  # noqa: N806
                 gm = gamma[:, None, None]
-                w = torch.linalg.solve_triangular(R, a, upper=True)
-                rhs = sy.diagonal(0, 1, 2).unsqueeze(-1) * w + gm * (yy @ w - b)
+                wv = torch.linalg.solve_triangular(R, a, upper=True)
+                rhs = sy.diagonal(0, 1, 2).unsqueeze(-1) * wv + gm * (yy @ wv - b)
                 vs = torch.linalg.solve_triangular(R.mT, rhs, upper=False)
-                vy = -gm * w
+                vy = -gm * wv
                 gd = -((vs * a).sum((1, 2)) + (vy * b).sum((1, 2))) - gamma * gg  # g . d
                 descent = gd < 0
                 gd = torch.where(descent, gd, -gamma * gg)
-                coef = torch.cat([vs, vy], 2)  # (L, c, 2): slot j's (s_j, y_j) coefficients
-                coef = coef * (-descent.to(coef.dtype))[:, None, None]  # no descent: -gamma g
-                if shift:  # back to slot order
-                    coef = coef.index_select(1, order[(m - shift) % m])
-                # the trial step s = tau d, written once: tau in the coefficients
-                coef = (coef * tau[:, None, None]).reshape(L, 1, 2 * c)  # rows of M[:c]
-                for (j0, j1), su, mt in zip(spans, Su, Mt, strict=True):
-                    torch.bmm(coef[j0:j1], mt[:, :2 * c], out=su)  # (k, 1, 2c) @ (k, 2c, size)
-                ng = ng * tau[:, None]
-                for (j0, j1), sr, gr in zip(spans, Sr, G, strict=True):
-                    sr.addcmul_(gr, ng[j0:j1])
+                # coefficients of the rows y_0, s_0, ..., s_{c-1}, g: tau d (no descent:
+                # -tau gamma g)
+                coef = torch.cat([vy, vs], 2) * (-descent.to(z.dtype) * tau)[:, None, None]
+                coef = torch.cat([coef.reshape(L, 2 * c), ng], 1).unsqueeze(1)  # (L, 1, 2c+1)
+                for (j0, j1), qr in zip(spans, Qr, strict=True):
+                    # (k, 1, 2c+1) @ (k, 2c+1, size) -> the row of s
+                    torch.bmm(coef[j0:j1], qr[w:ig + 1].transpose(0, 1),
+                              out=qr[i_s].unsqueeze(1))
             else:
                 gd = -gamma * gg
-                ng = ng * tau[:, None]
-                for (j0, j1), sr, gr in zip(spans, Sr, G, strict=True):
-                    torch.mul(gr, ng[j0:j1], out=sr)  # the trial step tau d
-            torch.add(z, s_row, out=ZC)
-            phic, gc = self.evaluate(ZC, fr)
+                for (j0, j1), qr in zip(spans, Qr, strict=True):
+                    torch.mul(qr[ig], ng[j0:j1], out=qr[i_s])  # the trial step tau d
+            torch.add(z, Q[i_s], out=ZC)
+            gn = Q[i_n]
+            phic, gc = self.evaluate(ZC, fr, out=gn)  # the gradient into its row
+            if gc is not gn:
+                gn.copy_(gc)
             ok = torch.isfinite(phic) & (phic <= phi + self.c1 * tau * gd)
             okc = ok[:, None]
-            for (j0, j1), gcr, gr, gn in zip(spans, rv(gc), G, GN, strict=True):
-                torch.where(okc[j0:j1], gcr, gr, out=gn)
+            dst = i_n if m else ig  # gradient ascent keeps g in row 0
+            for (j0, j1), qr in zip(spans, Qr, strict=True):
+                torch.where(okc[j0:j1], qr[i_n], qr[ig], out=qr[dst])  # g_new: g where rejected
             if m:
-                torch.sub(g_new, g, out=X[2])  # y: 0 where rejected
-                # (L, 3, 3): the products of s, y and g_new
-                q3 = torch.cat([torch.bmm(v, v.transpose(1, 2)) for v in vt])
-                ss, sy_, yy_ = q3[:, i_s, i_s], q3[:, i_s, i_y], q3[:, i_y, i_y]
+                torch.sub(Q[i_n], Q[ig], out=Q[ig])  # y over g: 0 where rejected
+                # (y, s, g_new) times the window, themselves included: (L, 3, 2c + 3)
+                P = torch.cat([torch.bmm(qr[ig:i_n + 1].transpose(0, 1),  # noqa: N806
+                                         qr[w:i_n + 1].permute(1, 2, 0)) for qr in Qr])
+                yy_, sy_, ss = P[:, 0, 2 * c], P[:, 0, 2 * c + 1], P[:, 1, 2 * c + 1]
                 good = ok & (sy_ > 1e-10 * torch.sqrt(ss * yy_))
             okf = ok.to(z.dtype)[:, None]
-            for (j0, j1), zr, sr in zip(spans, Zr, Sr, strict=True):
-                zr.addcmul_(sr, okf[j0:j1])  # z + s where accepted: zc
+            for (j0, j1), zr, qr in zip(spans, Zr, Qr, strict=True):
+                zr.addcmul_(qr[i_s], okf[j0:j1])  # z + s where accepted: zc
             if m:
-                # the new pair into its slot, zero where it is not kept (s, y finite there)
-                goodf = good.to(z.dtype)[:, None]
-                for (j0, j1), syr, mh in zip(spans, SYr, MHr[head], strict=True):
-                    torch.mul(syr, goodf[j0:j1], out=mh)
-                empty[:, head] = (~good).to(empty.dtype)
-                c1 = min(count + 1, m)
-                # (s_new, y_new, g_new) times the memory in use, per layer: (L, 3, c1, 2); the
-                # products with the unmasked (s_new, y_new) rows are masked here
-                P = torch.cat([torch.bmm(v, mt[:, :2 * c1].transpose(1, 2))  # noqa: N806
-                               for v, mt in zip(vt, Mt, strict=True)]).view(L, 3, c1, 2)
-                goodc = good[:, None, None]
-                SY[:, head, :c1] = P[:, i_s, :, 1].where(goodc[:, 0], zero)  # s_new . y_j
-                SY[:, :c1, head] = P[:, i_y, :, 0].where(goodc[:, 0], zero)  # s_j . y_new
-                yyn = P[:, i_y, :, 1].where(goodc[:, 0], zero)
-                YY[:, head, :c1] = yyn
-                YY[:, :c1, head] = yyn
-                # (s_j . g, y_j . g) at the next iterate: g_new where accepted; the new slot
-                # is empty where rejected, so its products are P's in every layer
-                AB[:, :c1] = torch.where(okc[:, :, None], P[:, i_g], AB[:, :c1])
-                AB[:, head] = torch.where(okc, P[:, i_g, head], 0.0)
+                # the new pair at position c: its entries are 0 where it is not kept, and so
+                # are those with the positions that hold no pair
+                keep = torch.cat([kept[:, :c], good[:, None]], 1)  # (L, c + 1)
+                both = keep & good[:, None]
+                SY[:, :c + 1, c] = torch.where(both, P[:, 0, 1:2 * c + 2:2], zero)  # s_j . y_c
+                yyn = torch.where(both, P[:, 0, 0:2 * c + 1:2], zero)  # y_j . y_c
+                YY[:, :c + 1, c] = yyn
+                YY[:, c, :c + 1] = yyn
+                # (s_j . g, y_j . g) at the next iterate: g_new where accepted
+                abn = torch.stack([P[:, 2, 1:2 * c + 2:2], P[:, 2, 0:2 * c + 1:2]], 2)
+                AB[:, :c + 1] = torch.where(keep[:, :, None], torch.where(
+                    okc[:, :, None], abn, AB[:, :c + 1]), zero)
+                kept[:, c] = good
                 gamma = torch.where(good, sy_ / torch.where(good, yy_, 1.0), gamma)
-                head, count = (head + 1) % m, count + 1
+                count += 1
+                if count > m:  # the memory is full: drop the oldest pair
+                    SY[:, :m, :m] = SY[:, 1:, 1:].clone()
+                    YY[:, :m, :m] = YY[:, 1:, 1:].clone()
+                    AB[:, :m] = AB[:, 1:].clone()
+                    kept[:, :m] = kept[:, 1:].clone()
+                    w += 2
             # accepted: back to the full step (L-BFGS) or twice the last one (gd). Rejected:
             # the minimiser of the quadratic through phi(0), phi'(0) = gd and phi(tau),
             # safeguarded to [0.1, 0.5] tau. (Halving alone needs log2(tau c gamma) inner
@@ -949,9 +983,8 @@ class EMSA(Solver):
             shrink = torch.where(fit, torch.minimum(torch.maximum(t_q, 0.1 * tau), 0.5 * tau),
                                  0.5 * tau)
             tau = torch.where(ok, grow, shrink)
-            gg = torch.where(ok, q3[:, i_g, i_g], gg) if m else lay.dot(g_new, g_new)
+            gg = torch.where(ok, P[:, 2, 2 * c + 2], gg) if m else lay.dot(Q[0], Q[0])
             phi = torch.where(ok, phic, phi)
-            par = 1 - par
         return z, phi
 
     def _adam(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen) -> tuple[Tensor, Tensor]:

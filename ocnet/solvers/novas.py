@@ -274,6 +274,71 @@ def novas_weights(
     raise unknown_name("shape function", shape, SHAPES)
 
 
+class _Consts:
+    """What one search's updates need, fixed per search: the shape, the elite count, alpha,
+    and the float options as 0-dim tensors of the search's dtype and device. A Python float
+    operand costs each binary op a conversion of the wrapped number to the tensor's dtype
+    (about as much as the op itself on the small (B, N) tensors here); a 0-dim tensor of the
+    same dtype gives the same values without it."""
+
+    def __init__(self, like: Tensor, n_samples: int, shape: str, kappa: float, alpha: float,
+                 elite_frac: float, sharpness: float, var_floor: float,
+                 tol: float | None = None) -> None:
+        self.shape, self.alpha = shape, float(alpha)
+        self.k = max(1, int(elite_frac * n_samples))
+        self.tiny = torch.finfo(like.dtype).tiny
+        values = [kappa, sharpness, var_floor, 0.0 if tol is None else tol]
+        if like.device.type == "cpu":
+            t = torch.tensor(values, dtype=like.dtype).unbind()
+        else:  # a fill per constant: a host-to-device copy could wait on the device
+            t = [torch.full((), v, dtype=like.dtype, device=like.device) for v in values]
+        self.kappa = None if kappa == 1.0 else t[0]  # Ft * 1 == Ft: skip the op
+        self.sharpness, self.var_floor, self.tol = t[1], t[2], t[3]
+        self.dtype, self._tol, self._tol_host = like.dtype, tol, None
+
+    @property
+    def tol_host(self) -> float:
+        """``tol`` as the tensor comparison sees it (rounded to the dtype), as a Python
+        float; read from a CPU tensor at the first host check (no device wait)."""
+        if self._tol_host is None:
+            self._tol_host = float(torch.tensor(self._tol, dtype=self.dtype))
+        return self._tol_host
+
+
+def _step(
+    energy: EnergyFn, mu: Tensor, sigma: Tensor, eps: Tensor, c: _Consts  # noqa: N803
+) -> tuple[Tensor, Tensor]:
+    """One NOVAS update of ``(mu, sigma)`` of shape (B, 1, d) (the loop's layout: no
+    reshapes per iteration) with draws ``eps`` (B, N, d); with or without autograd.
+
+    The module doc's formulas in fewer operations: it works on ``E`` instead of
+    ``F = -E`` (``F - min F = max E - E``, ``max F - min F = max E - min E``, the k-th best
+    ``F`` is minus the k-th smallest ``E``, taken by ``kthvalue``); for ``soft_ce`` the
+    factor ``1 / (max E - min E)`` of ``Ft`` is left out, since the normalisation cancels
+    it (a rounding-level difference); the weighted sums over the samples are batched
+    matrix products, the mean's with its ``mu +`` folded in (``baddbmm``). In-place
+    operations only on temporaries whose old values autograd does not keep."""
+    dX = sigma * eps  # noqa: N806
+    X = mu + dX  # noqa: N806
+    E = _energies(energy, X)  # noqa: N806
+    if c.shape == "soft_ce":
+        hi = E.amax(dim=1, keepdim=True)
+        gamma = E.kthvalue(c.k, dim=1, keepdim=True).values
+        S = (hi - E) * (gamma - E).mul_(c.sharpness).sigmoid_()  # noqa: N806
+        S = S / S.sum(dim=1, keepdim=True).clamp_min(c.tiny)  # noqa: N806
+    else:
+        lo, hi = torch.aminmax(E, dim=1, keepdim=True)
+        Ft = (hi - E) / (hi - lo).clamp_min(c.tiny)  # noqa: N806
+        S = torch.softmax(Ft if c.kappa is None else Ft * c.kappa, dim=1)  # noqa: N806
+    S = S.unsqueeze(1)  # noqa: N806  (B, 1, N): the weights as a row per element
+    if c.alpha == 1.0:
+        mu_new = torch.baddbmm(mu, S, dX)
+    else:
+        mu_new = torch.baddbmm(mu, S, dX, alpha=c.alpha)
+    var = torch.bmm(S, (X - mu_new).square())
+    return mu_new, var.add_(c.var_floor).sqrt_()
+
+
 def novas_step(
     energy: EnergyFn,
     mu: Tensor,
@@ -288,52 +353,11 @@ def novas_step(
     var_floor: float = 1e-3,
 ) -> tuple[Tensor, Tensor]:
     """One NOVAS update of ``(mu, sigma)`` (B, d) with standard normal draws ``eps`` (B, N, d)."""
-    dX = sigma[:, None, :] * eps
-    X = mu[:, None, :] + dX
-    S = novas_weights(-_energies(energy, X), shape, kappa, elite_frac, sharpness)[..., None]
-    mu_new = mu + alpha * (S * dX).sum(dim=1)
-    var = (S * (X - mu_new[:, None, :]) ** 2).sum(dim=1)
-    return mu_new, torch.sqrt(var + var_floor)
-
-
-def _free_step(
-    energy: EnergyFn,
-    mu: Tensor,
-    sigma: Tensor,
-    eps: Tensor,
-    shape: str,
-    kappa: float,
-    alpha: float,
-    elite_frac: float,
-    sharpness: float,
-    var_floor: float,
-) -> tuple[Tensor, Tensor]:
-    """:func:`novas_step` for the iterations without a graph: the same values bit for bit
-    (the same IEEE operations on the same operands), fewer kernels. Works on ``E`` instead
-    of ``F = -E`` (``F - min F = max E - E`` and ``max F - min F = max E - min E`` exactly;
-    the k-th best ``F`` is minus the k-th smallest ``E``), one ``aminmax`` instead of a min
-    and a max, and in-place updates of its own temporaries
-    (never of ``X`` or ``E``, which the energy may keep).
-    Only called with autograd off."""
-    dX = sigma.unsqueeze(1) * eps
-    X = mu.unsqueeze(1) + dX
-    E = _energies(energy, X)
-    tiny = torch.finfo(E.dtype).tiny
-    lo_e, hi_e = torch.aminmax(E, dim=1, keepdim=True)
-    Ft = (hi_e - E).div_((hi_e - lo_e).clamp_min_(tiny))
-    if shape == "exponential":
-        S = torch.softmax(Ft.mul_(kappa), dim=1)
-    else:
-        k = max(1, int(elite_frac * E.shape[1]))
-        gamma_e = E.topk(k, dim=1, largest=False).values.narrow(1, k - 1, 1)
-        S = Ft.mul_(torch.sigmoid_((gamma_e - E).mul_(sharpness)))
-        S.div_(S.sum(dim=1, keepdim=True).clamp_min_(tiny))
-    S = S.unsqueeze(2)
-    step = (S * dX).sum(dim=1)
-    mu_new = mu + (step if alpha == 1.0 else step.mul_(alpha))
-    D = X - mu_new.unsqueeze(1)  # not in place: the energy may have kept X
-    var = D.mul_(D).mul_(S).sum(dim=1)
-    return mu_new, var.add_(var_floor).sqrt_()
+    if shape not in SHAPES:
+        raise unknown_name("shape function", shape, SHAPES)
+    c = _Consts(mu, eps.shape[1], shape, kappa, alpha, elite_frac, sharpness, var_floor)
+    mu_new, sigma_new = _step(energy, mu.unsqueeze(1), sigma.unsqueeze(1), eps, c)
+    return mu_new.squeeze(1), sigma_new.squeeze(1)
 
 
 def novas(
@@ -378,59 +402,73 @@ def novas(
         raise unknown_name("differentiate option", differentiate, DIFFERENTIATE)
     draw = _Noise(mu0, n_samples, n_iter, generator, noise)
     _check_common(n_iter, draw.n_samples, tol, check_every)
-    opts = dict(
-        shape=shape, kappa=kappa, alpha=alpha, elite_frac=elite_frac, sharpness=sharpness,
-        var_floor=var_floor,
-    )
-    mu, sigma = mu0, _sigma(sigma0, mu0)
-    B = mu0.shape[0]
-    active = torch.ones(B, dtype=torch.bool, device=mu0.device)
-    count = torch.zeros(B, dtype=torch.long, device=mu0.device)
+    c = _Consts(mu0, draw.n_samples, shape, kappa, alpha, elite_frac, sharpness, var_floor,
+                tol)
+    # (B, 1, d) throughout: broadcasts against the samples (B, N, d) without reshapes
+    mu, sigma = mu0.unsqueeze(1), _sigma(sigma0, mu0).unsqueeze(1)
+    B, d = mu0.shape
+    # None: every element active, known on the host (at the start, and after a host check
+    # that found all active); then the mask would keep every new value and is skipped
+    active: Tensor | None = None
+    count: Tensor | None = None  # per-element updates, made when the first mask is applied
+    n_all = 0  # updates applied to every element: added to count once, at the end
     n_free = n_iter - 1 if differentiate == "last" else n_iter
     k = 0
-    graph = torch.is_grad_enabled() and differentiate == "all"
-    # without a graph the same values with fewer kernels (bit for bit, see _free_step)
-    step = novas_step if graph else _free_step
-    # every element known active (at the start, and after a host check that found all
-    # active): the mask would keep every new value, so it is skipped (same values)
-    all_active = True
-    n_all = 0  # updates applied to every element: added to count once, at the end
-    with torch.set_grad_enabled(graph):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and differentiate == "all"):
         while k < n_free:
-            mu_new, sigma_new = step(energy, mu, sigma, draw(k), **opts)
-            if tol is not None:
-                moved = torch.linalg.vector_norm(mu_new - mu, dim=1)
-                if all_active:  # then active & (moved >= tol) is moved >= tol
-                    mu, sigma = mu_new, sigma_new
-                    n_all += 1
-                    active = moved >= tol
-                else:
-                    mu, sigma = _masked(active, (mu_new, sigma_new), (mu, sigma))
-                    count.add_(active)  # this loop's own tensor (active: saved by the mask)
-                    active = active & (moved >= tol)
-            else:
+            mu_new, sigma_new = _step(energy, mu, sigma, draw(k), c)
+            k += 1
+            # the only host decision of the loop (one sync per check_every iterations)
+            check = tol is not None and check_every and k % check_every == 0
+            if tol is None:
                 mu, sigma = mu_new, sigma_new
                 n_all += 1
-            k += 1
-            # The only host decision of the loop (one sync per check_every iterations):
-            # how many elements are active; none: the remaining iterations would be no-ops.
-            all_active = False
-            if tol is not None and check_every and k % check_every == 0:
+                continue
+            delta = mu_new - mu
+            if active is None:  # then active & (moved >= tol) is moved >= tol
+                mu, sigma = mu_new, sigma_new
+                n_all += 1
+                # min(moved) >= tol: every element stays active, no mask to make; for
+                # d = 1 the -inf norm over the batch is that minimum in one reduction
+                # (the 2-norm of one number is its absolute value, exactly)
+                if check and float(
+                    torch.linalg.vector_norm(delta.detach(), float("-inf")) if d == 1
+                    else torch.linalg.vector_norm(delta.detach(), dim=(1, 2)).amin()
+                ) >= c.tol_host:
+                    continue
+                active = torch.linalg.vector_norm(delta, dim=(1, 2)) >= c.tol
+            else:
+                moved = torch.linalg.vector_norm(delta, dim=(1, 2))
+                a = active[:, None, None]
+                mu, sigma = torch.where(a, mu_new, mu), torch.where(a, sigma_new, sigma)
+                if count is None:
+                    count = torch.zeros(B, dtype=torch.long, device=mu0.device)
+                count.add_(active)  # this loop's own tensor (active: saved by the mask)
+                active = active & (moved >= c.tol)
+            if check:  # how many are active; none: the remaining iterations are no-ops
                 n_active = int(active.sum())
                 if n_active == 0:
                     break
-                all_active = n_active == B
+                if n_active == B:
+                    active = None
     if differentiate == "last":
         mu, sigma = mu.detach(), sigma.detach()
-        mu_new, sigma_new = novas_step(energy, mu, sigma, draw(k), **opts)
+        mu_new, sigma_new = _step(energy, mu, sigma, draw(k), c)
         if tol is not None:  # on detached values: the test needs no graph
-            active = active & (torch.linalg.vector_norm(mu_new.detach() - mu, dim=1) >= tol)
+            fresh = torch.linalg.vector_norm(mu_new.detach() - mu, dim=(1, 2)) >= c.tol
+            active = fresh if active is None else active & fresh
         mu, sigma = mu_new, sigma_new
         n_all += 1
-    if n_all:
+    if count is None:
+        count = torch.full((B,), n_all, dtype=torch.long, device=mu0.device)
+    elif n_all:
         count = count + n_all
-    converged = ~active if tol is not None else torch.zeros_like(active)
-    return SearchResult(y=mu, sigma=sigma, iterations=count, converged=converged)
+    if tol is None or active is None:  # active is None: the last check found all active
+        converged = torch.zeros(B, dtype=torch.bool, device=mu0.device)
+    else:
+        converged = ~active
+    return SearchResult(y=mu.squeeze(1), sigma=sigma.squeeze(1), iterations=count,
+                        converged=converged)
 
 
 # ----------------------------------------------------------------------------- DCEM
