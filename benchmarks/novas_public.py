@@ -223,6 +223,27 @@ def loadavg() -> str:
         return "n/a"
 
 
+def interleave(entries: dict, args: tuple, rounds: int, warmup: int,
+               after_round=None) -> dict[str, list[float]]:
+    """Thread CPU seconds of each entry's update on ``args``, the entries taking turns (the
+    order rotated every round and reversed every other one); warm-up rounds dropped.
+    ``after_round(r)`` runs after each timed round (e.g. to read a diagnostic)."""
+    names = list(entries)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        k = r % len(names)
+        order = names[k:] + names[:k] if r % 2 == 0 else (names[k:] + names[:k])[::-1]
+        for n in order:
+            c0 = time.thread_time()
+            entries[n](*args)
+            c1 = time.thread_time()
+            if r >= warmup:
+                times[n].append(c1 - c0)
+        if r >= warmup and after_round is not None:
+            after_round(r)
+    return times
+
+
 def timing(s: Setup, rounds: int, warmup: int) -> tuple[list[str], dict]:
     x, y = s.xt[: s.batch, 0].clone(), s.yt[: s.batch, 0].clone()
     torch.manual_seed(1)
@@ -234,17 +255,8 @@ def timing(s: Setup, rounds: int, warmup: int) -> tuple[list[str], dict]:
         "energy net only (arithmetic floor)": arithmetic_update(s),
     }
     names = list(entries)
-    times = {n: [] for n in names}
     la0 = loadavg()
-    for r in range(warmup + rounds):
-        k = r % len(names)
-        order = names[k:] + names[:k] if r % 2 == 0 else (names[k:] + names[:k])[::-1]
-        for n in order:
-            c0 = time.thread_time()
-            entries[n](x, y)
-            c1 = time.thread_time()
-            if r >= warmup:
-                times[n].append(c1 - c0)
+    times = interleave(entries, (x, y), rounds, warmup)
     la1 = loadavg()
     pub = times[names[0]]
     rows = [
