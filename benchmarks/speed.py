@@ -392,7 +392,7 @@ def solver_entries(names: list[str], model: nn.Module, batch: Callable[[int], tu
             try:
                 twin = make(base_name, problem_of(copy.deepcopy(model), loss, 0.0),
                             compile=True)
-            except Exception:  # noqa: BLE001, S112 - the solver has no compiled path
+            except Exception:  # noqa: BLE001 - the solver has no compiled path
                 continue
 
             def step_c(r: int, solver: Any = twin) -> Any:

@@ -18,6 +18,15 @@ from ocnet.solvers.msa import EMSA, _Frozen
 DT = torch.float64
 
 
+def _assert_same_runs(runs: list, rtol: float, atol: float) -> None:
+    """Two runs' final controls and every step's Htilde after the inner solve agree."""
+    (z_new, i_new), (z_ref, i_ref) = runs
+    torch.testing.assert_close(z_new, z_ref, rtol=rtol, atol=atol)
+    for a, b in zip(i_new, i_ref, strict=True):
+        torch.testing.assert_close(a.extra["htilde_after"], b.extra["htilde_after"],
+                                   rtol=rtol, atol=atol)
+
+
 def _net(depth: int = 3, width: int = 4) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, width), nn.Tanh(),
@@ -151,11 +160,7 @@ def test_compact_lbfgs_iterates_equal_the_two_loop_recursion(options):
             solver._lbfgs = _two_loop_lbfgs.__get__(solver)
         infos = [solver.step(x, y) for _ in range(3)]
         runs.append((torch.cat([u.detach().reshape(-1) for u in prob.parameters()]), infos))
-    (z_new, i_new), (z_ref, i_ref) = runs
-    torch.testing.assert_close(z_new, z_ref, rtol=1e-10, atol=1e-12)
-    for a, b in zip(i_new, i_ref, strict=True):
-        torch.testing.assert_close(a.extra["htilde_after"], b.extra["htilde_after"],
-                                   rtol=1e-10, atol=1e-12)
+    _assert_same_runs(runs, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- flat structure
@@ -293,11 +298,7 @@ def test_closed_form_steps_equal_autograd_steps(name):
             solver.closed_form = None
         infos = [solver.step(x, y) for _ in range(3)]
         runs.append((torch.cat([u.detach().reshape(-1) for u in prob.parameters()]), infos))
-    (z_new, i_new), (z_ref, i_ref) = runs
-    torch.testing.assert_close(z_new, z_ref, rtol=1e-9, atol=1e-11)
-    for a, b in zip(i_new, i_ref, strict=True):
-        torch.testing.assert_close(a.extra["htilde_after"], b.extra["htilde_after"],
-                                   rtol=1e-9, atol=1e-11)
+    _assert_same_runs(runs, rtol=1e-9, atol=1e-11)
 
 
 def test_closed_form_covers_only_what_it_describes():

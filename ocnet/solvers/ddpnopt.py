@@ -391,11 +391,7 @@ class DDPNOpt(Solver):
         denom = self.curvature.diagonal(self.state if state is None else state)
         if denom is None:
             return self.lr
-        if self.curvature_floor > 0:
-            floors = torch._foreach_mul(torch._foreach_norm(denom, 1),  # mean = L1 / numel
-                                        [self.curvature_floor / d.numel() for d in denom])
-            denom = torch._foreach_maximum(denom, floors)
-        inv = torch._foreach_reciprocal(denom)
+        inv = torch._foreach_reciprocal(self._floored_denominators(denom))
         torch._foreach_mul_(inv, self.lr)
         return inv
 
@@ -627,6 +623,7 @@ class DDPNOpt(Solver):
             after, gains, rate, clip = self._feedback_pass(x0, y, traj.xs, traj.records, ks)
             extra = {"loss_after_phi": after, "gains": gains, "cap_rate": rate,
                      "clip_rate": clip}
+        self._denom = None  # this step's (feedback=False never reads it)
         return StepInfo(loss=J, accepted=True, grad_norm=norm, extra=extra)
 
     @property
