@@ -29,8 +29,9 @@ stop (``tol=None``: all 10 iterations always run; ``tol=1e-4, check_every=1`` is
 public stop, per batch element instead of on the whole batch's norm, the same for a
 batch of one), so a row with that override is timed too; LML: the public layer searches
 nu on a 10-point grid (CPU) per round until the bracket is below 1e-3 (up to 100 rounds,
-a host synchronisation each), ocnet bisects 60 times with no synchronisation (same
-backward formula); ``var_floor`` 1e-10 under ocnet's square root (none in the public
+a host synchronisation each), ocnet bisects a fixed number of times with no
+synchronisation (by default as many as the dtype resolves, 33 in float32: more change no
+bit; same backward formula); ``var_floor`` 1e-10 under ocnet's square root (none in the public
 code); ocnet divides by ``temperature``, the public code multiplies by ``temp`` (the same
 at 1). Both start from the SAME energy-network weights (the public net's state dict
 copied into ocnet's ``EnergyNet`` of benchmarks/novas.py).
@@ -49,7 +50,7 @@ Sections:
    median over rounds of the per-round ratio to the public update. The "energy net only"
    row is the arithmetic floor: 10 differentiated energy evaluations on 100 candidates, an
    LML-free softmax-weighted mean of each, backward, clip and the Adam step. A diagnostic
-   row runs ocnet's layer with 20 LML bisections instead of 60 (``n_bisect``, a
+   row runs ocnet's layer with 20 LML bisections instead of 33 (``n_bisect``, a
    per-call override of :func:`ocnet.solvers.novas.dcem`), to show what the fixed
    bisection count costs at batch size one.
 3. Training curves: both layers from the same init on the same sample sequence
@@ -318,7 +319,7 @@ def timing(s: Setup, rounds: int, warmup: int) -> tuple[list[str], dict]:
         'ocnet DCEM (preset="paper": 10 iterations, no early stop)': ocnet_update(s)[0],
         'ocnet DCEM (preset="paper", tol=1e-4, check_every=1: the public early stop)':
             tol_step,
-        'ocnet DCEM (preset="paper", n_bisect=20 instead of 60: diagnostic)':
+        'ocnet DCEM (preset="paper", n_bisect=20 instead of 33: diagnostic)':
             ocnet_update(s, call={"n_bisect": 20})[0],
         "energy net only (arithmetic floor)": arithmetic_update(s),
     }
@@ -411,7 +412,8 @@ DIFFERENCES = [
     "| early stop | `iter_eps=1e-4` on the whole batch's mean-step norm | none (`tol=None`) "
     "| **no** (`tol=1e-4, check_every=1` matches for a batch of one) |",
     "| LML solve | 10-point grid search on nu until the bracket < `lml_eps=1e-3` (<= 100 "
-    "rounds, host sync each) | 60 bisections, no sync | close (nu within 5e-4 vs exact) |",
+    "rounds, host sync each) | 33 bisections (float32), no sync | close (nu within 5e-4 vs "
+    "exact) |",
     "| LML backward | implicit, h = y(1-y) | implicit, h = p(1-p) | yes |",
     "| sigma update | sqrt(var) | sqrt(var + 1e-10) | ~yes |",
     "| sampling noise | global RNG, `Normal.rsample` | `torch.Generator` / `noise=` | "

@@ -15,6 +15,7 @@ and writes plots (mesh over refinements, accuracy against layers, trajectories).
 
     python benchmarks/dwr.py --quick        # < 5 min
     python benchmarks/dwr.py                # 5 seeds, the literature's sizes
+    python benchmarks/dwr.py --sensitivity  # + the SensLI arm (ocnet.solvers.dwr.sensitivities)
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def main(argv=None):
     ap.add_argument("--frozen", action="store_true",
                     help="only the frozen-controls study (refinement without retraining)")
     ap.add_argument("--lam", type=float, default=1e-3, help="regulariser weight lambda")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="add the SensLI arm (as many marks as Doerfler, largest sensitivity)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     quick = args.quick
@@ -182,7 +185,8 @@ def main(argv=None):
     print(f"settings: {json.dumps(settings)}\n")
     rows, budget_rows, disc_rows, raw = [], [], [], {}
     start_all = time.perf_counter()
-    arms = ("adaptive", "random", "uniform")
+    arms = ("adaptive", "random") + (("sensitivity",) if args.sensitivity else ()) + ("uniform",)
+    inserting = arms[:-1]
     for name in args.datasets:
         per_seed = []
         for seed in range(seeds):
@@ -223,7 +227,7 @@ def main(argv=None):
                       f"{name}: mean test accuracy over {seeds} seeds")
         finest = per_seed[0]["uniform"][-1].n_layers
         cells = []
-        for kind in ("adaptive", "random"):
+        for kind in inserting:
             need, need_tol, wins = [], [], 0
             for s in per_seed:
                 target = s["uniform"][-1].test_accuracy
@@ -244,7 +248,7 @@ def main(argv=None):
                                + " | ".join(f"{statistics.mean(a):.3f} +- {_sd(a):.3f}"
                                             for a in accs) + " |")
             errs = [[_at_budget(s[k], b, "disc_error") for s in per_seed] for k in arms]
-            a_u = sum(ea < eu for ea, eu in zip(errs[0], errs[2], strict=True))
+            a_u = sum(ea < eu for ea, eu in zip(errs[0], errs[-1], strict=True))
             a_r = sum(ea < er for ea, er in zip(errs[0], errs[1], strict=True))
             disc_rows.append(f"| {name} | {b} | "
                              + " | ".join(f"{statistics.median(e):.2e}" for e in errs)
@@ -254,22 +258,22 @@ def main(argv=None):
           "it was reached with at most half the finest uniform mesh's layers. 'random' marks as "
           "many intervals as Doerfler would, chosen at random (same levels, layers and training "
           "steps as adaptive: it isolates *where* the layers go).\n")
-    print("| data | finest uniform layers | its mean test acc | adaptive (strict) | "
-          "adaptive (within 0.5 pp) | adaptive wins | random (strict) | random (within 0.5 pp) "
-          "| random wins | mean inner steps adaptive / random / uniform |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| data | finest uniform layers | its mean test acc | "
+          + " | ".join(f"{k} (strict) | {k} (within 0.5 pp) | {k} wins" for k in inserting)
+          + f" | mean inner steps {' / '.join(arms)} |")
+    print("|---" * (4 + 3 * len(inserting)) + "|")
     print("\n".join(rows))
     print("\n## Test accuracy at equal layer budgets (mean +- std over seeds)\n")
-    print("Adaptive and random: the last level with at most that many layers.\n")
-    print("| data | layer budget | adaptive | random | uniform |")
-    print("|---|---|---|---|---|")
+    print("Inserting arms: the last level with at most that many layers.\n")
+    print("| data | layer budget | " + " | ".join(arms) + " |")
+    print("|---" * (2 + len(arms)) + "|")
     print("\n".join(budget_rows))
     print("\n## Goal discretisation error at equal layer budgets\n")
     print("|test cross-entropy of the ODE with the trained controls (torchdiffeq dopri5, rtol "
           "1e-6) - that of the Euler network|: what the DWR estimator targets. Median over "
           "seeds; 'a<u', 'a<r': seeds where adaptive's error is below uniform's / random's.\n")
-    print("| data | layer budget | adaptive | random | uniform | a<u | a<r |")
-    print("|---|---|---|---|---|---|---|")
+    print("| data | layer budget | " + " | ".join(arms) + " | a<u | a<r |")
+    print("|---" * (4 + len(arms)) + "|")
     print("\n".join(disc_rows))
     print(f"\ntotal wall time {time.perf_counter() - start_all:.0f} s (shared 2-core CPU box)")
     (out / "raw.json").write_text(json.dumps({"settings": settings, "runs": raw}, indent=1))

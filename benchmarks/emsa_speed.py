@@ -21,6 +21,7 @@ Usage::
 
     .venv/bin/python benchmarks/emsa_speed.py                       # networks and sweep
     .venv/bin/python benchmarks/emsa_speed.py --quick               # seconds
+    .venv/bin/python benchmarks/emsa_speed.py --toy --networks "" --sweep none  # the toy
     cp ocnet/solvers/msa.py /tmp/msa_old.py   # (before a change)
     .venv/bin/python benchmarks/emsa_speed.py --baseline /tmp/msa_old.py
 """
@@ -172,6 +173,28 @@ def digits_batches(batch_size: int, n: int) -> tuple[Any, list[tuple]]:
     return ds, out
 
 
+def toy_row(args: argparse.Namespace) -> dict[str, Any]:
+    """The public toy (``ocnet.reproduce._emsa_toy``: 20 residual layers of width 5, all-zero
+    init, full batch 100, MSE + 1e-3/2 |u|^2): E-MSA with the public settings (rho 1,
+    reference scaling, 10 inner evaluations; plain and ``preset="paper"``) and Adam lr
+    0.005, each on its own copy of the problem, stepped in turn (issue 15 item 4: <= 15x
+    Adam per step)."""
+    from ocnet.reproduce import _emsa_toy
+
+    solvers = {}
+    for name, opts in (("adam", {"lr": 0.005}),
+                       ("emsa", {"rho": 1.0, "scaling": "reference", "inner_iters": 10}),
+                       ("emsa paper", {"preset": "paper"})):
+        problem, x, y = _emsa_toy()
+        solvers[name] = make_solver(name.split()[0], problem, **opts)
+    med = interleave(solvers, [(x, y)], args.rounds, args.warmup)
+    r = {"adam_ms": med["adam"] * 1e3, "emsa": med["emsa"] / med["adam"],
+         "paper": med["emsa paper"] / med["adam"], "load": loadavg()}
+    print("| public toy 20 x 5, batch 100 | "
+          f"{r['adam_ms']:.2f} | {r['emsa']:.1f} | {r['paper']:.1f} | {r['load']} |", flush=True)
+    return r
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few rounds, small sweep")
@@ -180,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baseline", default=None, help="another msa.py to time beside")
     ap.add_argument("--networks", default="mlp,cnn,resnet20")
     ap.add_argument("--sweep", default="issue", choices=("issue", "quick", "none"))
+    ap.add_argument("--toy", action="store_true",
+                    help="also the E-MSA public toy (plain and preset='paper')")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 15)
     torch.set_num_threads(1)
@@ -203,6 +228,11 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 raise SystemExit(f"unknown network {name!r}: mlp, cnn, resnet<depth>")
             row(name, model, batches, args, baseline)
+    if args.toy:
+        print("\nE-MSA public toy (config.yml 'toy'), interleaved with Adam lr 0.005\n")
+        print("| problem | Adam ms/step | E-MSA / Adam | E-MSA paper preset / Adam | load |\n"
+              "|---|---|---|---|---|")
+        toy_row(args)
     sizes = {"issue": SWEEP, "quick": SWEEP_QUICK, "none": []}[
         "quick" if args.quick and args.sweep == "issue" else args.sweep]
     if sizes:

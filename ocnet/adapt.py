@@ -35,7 +35,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "spirals": {"width": 4, "T": 5.0, "field": "activation"},
 }
 DEFAULT_PRESET: dict[str, Any] = {"width": 4, "T": 5.0, "field": "activation"}
-ARMS = {"adaptive": "doerfler", "uniform": "uniform", "random": "random"}
+ARMS = {"adaptive": "doerfler", "uniform": "uniform", "random": "random",
+        "sensitivity": "sensitivity"}
 
 
 def build_model(n_features: int, n_classes: int, *, width: int, T: float, n0: int,  # noqa: N803
@@ -59,7 +60,9 @@ def run_adapt(data: str, *, seed: int = 0, n0: int = 4, max_layers: int = 32,
               estimator: str = "primal", n_train: int | None = None, n_test: int | None = None,
               arms: tuple[str, ...] = ("adaptive", "uniform")) -> dict[str, Any]:
     """Refinement from the same coarse start for each arm: ``adaptive`` (DWR + Doerfler),
-    ``uniform`` (bisect all), ``random`` (as many as Doerfler, at random). Returns a dict with
+    ``uniform`` (bisect all), ``random`` (as many as Doerfler, at random), ``sensitivity``
+    (as many as Doerfler, largest SensLI sensitivity; ocnet.solvers.dwr.sensitivities).
+    Returns a dict with
     each arm's :class:`~ocnet.solvers.dwr.DWR` (history, final model), settings and data."""
     preset = {**PRESETS.get(data, DEFAULT_PRESET)}
     width = width or preset["width"]
@@ -192,19 +195,23 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Any]:
               help="also refine uniformly from the same coarse start")
 @click.option("--compare-random/--no-compare-random", default=False, show_default=True,
               help="also mark as many intervals as Doerfler at random (control arm)")
+@click.option("--compare-sensitivity/--no-compare-sensitivity", default=False,
+              show_default=True, help="also mark as many intervals as Doerfler by the largest "
+              "SensLI sensitivity (Kreis et al. 2023; peer arm)")
 @click.option("--out", default=None, help="output directory (default runs/adapt/DATA-sSEED)")
 def adapt(data: str, seed: int, n0: int, max_layers: int, max_levels: int, steps: int,
           solver: str, lr: float, theta: float, tol: float, lam: float, width: int | None,
           T: float | None, field: str | None, activation: str, lift: str,  # noqa: N803
           estimator: str, n_train: int | None, n_test: int | None, compare_uniform: bool,
-          compare_random: bool, out: str | None) -> None:
+          compare_random: bool, compare_sensitivity: bool, out: str | None) -> None:
     """Adaptive layer insertion for a neural ODE by dual-weighted residuals."""
     result = run_adapt(data, seed=seed, n0=n0, max_layers=max_layers, max_levels=max_levels,
                        steps=steps, lr=lr, solver=solver, theta=theta, tol=tol, lam=lam,
                        width=width, T=T, field=field, activation=activation, lift=lift,
                        estimator=estimator, n_train=n_train, n_test=n_test,
                        arms=("adaptive",) + (("uniform",) if compare_uniform else ())
-                       + (("random",) if compare_random else ()))
+                       + (("random",) if compare_random else ())
+                       + (("sensitivity",) if compare_sensitivity else ()))
     path = Path(out or f"runs/adapt/{data}-s{seed}")
     write_outputs(result, path)
     for kind in ARMS:

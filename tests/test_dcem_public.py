@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from public_code import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "dcem_public.py"
@@ -25,10 +25,7 @@ DEPS = Path(os.environ.get("OCNET_DCEM_DEPS", "/tmp/dcem_deps"))
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_benchmark(SCRIPT, args, cwd, timeout=300)
 
 
 def _semantic_version() -> bool:

@@ -172,3 +172,113 @@ def test_adapt_command_writes_history_and_plots(tmp_path):
     assert hist["adaptive"][0]["n_layers"] == 2 and hist["uniform"][-1]["n_layers"] == 8
     for name in ("mesh.png", "accuracy.png", "trajectories.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- SensLI sensitivity arm
+def _split_multipliers_by_autograd(model, loss, x, y):
+    """mu_m = (g_{m,1} - g_{m,2}) / 2 on the everywhere-bisected mesh, by plain autograd
+    through Problem.objective (independent of the costate sweep)."""
+    fine = model.refine(list(range(len(model.mesh))))
+    p = fine.problem(loss)
+    flat = [u for c in fine.controls for u in c]
+    for u in flat:
+        u.requires_grad_(True)
+    g = torch.autograd.grad(p.objective(x, y), flat)
+    k = len(fine.controls[0])
+    per = [g[i * k:(i + 1) * k] for i in range(len(fine.controls))]
+    for u in flat:
+        u.requires_grad_(False)
+    return fine, p, [tuple(0.5 * (a - b) for a, b in zip(per[2 * m], per[2 * m + 1], strict=True))
+                     for m in range(len(model.mesh))]
+
+
+def test_sensitivity_is_the_split_multiplier_in_closed_form():
+    # x' = Ax + B theta, Phi = 1/2 mean_i |x_i(T) - y_i|^2, lam alpha term (cancels in mu):
+    # on the bisected mesh g_{m,k} = h/2 B^T sum_i z_i(node after child k), so
+    # mu_m = h^2/8 B^T A^T sum_i z_i(t_{m+1}),  z at the fine nodes by the Euler adjoint.
+    from ocnet.solvers.dwr import sensitivities
+
+    g = torch.Generator().manual_seed(3)
+    x0, y = torch.randn(6, 2, generator=g, dtype=D), torch.randn(6, 2, generator=g, dtype=D)
+    lengths = [0.3, 0.1, 0.25, 0.35]
+    ctrl = [(torch.randn(1, generator=g, dtype=D),) for _ in lengths]
+    model = NeuralODE(LinearField(A, B), TimeMesh(lengths), lift="none", head="none",
+                      reg=DG0Regularizer(LAM, 1.0, 0.0), controls=ctrl)
+
+    def loss(out, target):
+        return 0.5 * ((out - target) ** 2).sum(1).mean()
+
+    s = sensitivities(model, loss, x0, y)
+    a, b = A.numpy(), B.numpy()
+    hs = [h / 2 for h in lengths for _ in range(2)]
+    us = [float(c[0]) for c in ctrl for _ in range(2)]
+    xs = [x0.numpy()]
+    for h, u in zip(hs, us, strict=True):
+        xs.append(xs[-1] @ (np.eye(2) + h * a).T + h * u * b.T)
+    z = [(xs[-1] - y.numpy()) / len(x0)]  # dPhi/dx_T per sample
+    for h in reversed(hs):
+        z.append(z[-1] @ (np.eye(2) + h * a))
+    z = z[::-1]  # z[k] at fine node k
+    want = [float(np.sum((h ** 2 / 8 * b.T @ a.T @ z[2 * m + 2].sum(0)) ** 2))
+            for m, h in enumerate(lengths)]
+    assert s.tolist() == pytest.approx(want, rel=1e-10, abs=1e-16)
+    assert min(want) > 0 and len(set(np.argsort(want))) == 4
+
+
+def test_sensitivity_agrees_with_autograd_and_finite_differences_of_the_split():
+    from ocnet.solvers.dwr import sensitivities
+
+    g = torch.Generator().manual_seed(5)
+    model = NeuralODE(make_field("activation", 3, "tanh", scale=2.0), TimeMesh([0.4, 0.8, 0.3,
+                      0.5]), in_features=2, out_features=3, generator=g, dtype=D,
+                      reg=DG0Regularizer(1e-2))  # beta > 0: the jump coupling is in J
+    x = torch.randn(40, 2, generator=g, dtype=D)
+    y = torch.randint(0, 3, (40,), generator=g)
+    s = sensitivities(model, "cross_entropy", x, y)
+    fine, p, mus = _split_multipliers_by_autograd(model, "cross_entropy", x, y)
+    assert s.tolist() == pytest.approx([float(sum(v.pow(2).sum() for v in mu)) for mu in mus],
+                                       rel=1e-9)
+    eps = 1e-5
+    for m, mu in enumerate(mus):
+        norm = float(sum(v.pow(2).sum() for v in mu)) ** 0.5
+        d = [v / norm for v in mu]
+
+        def j_split(e, m=m, d=d):
+            ctrl = [tuple(u.clone() for u in c) for c in fine.controls]
+            ctrl[2 * m] = tuple(u - e * v for u, v in zip(ctrl[2 * m], d, strict=True))
+            ctrl[2 * m + 1] = tuple(u + e * v for u, v in zip(ctrl[2 * m + 1], d, strict=True))
+            return float(fine.with_mesh(fine.mesh, ctrl).problem("cross_entropy").objective(x, y))
+
+        slope = (j_split(eps) - j_split(-eps)) / (2 * eps)  # dJ/d delta along d = -2 |mu|
+        assert slope == pytest.approx(-2 * norm, rel=1e-6, abs=1e-10), m
+
+
+def test_sensitivity_strategy_marks_as_many_as_doerfler_at_the_largest_sensitivities():
+    model, x, y = _toy(2)
+    dwr = DWR(model, inner="adam", lr=0.05, steps=10, strategy="sensitivity", max_layers=9,
+              max_levels=4)
+    hist = dwr.run(x, y)
+    assert len(hist) >= 3 and hist[-1].n_layers <= 9
+    for lev in hist[:-1]:
+        k = len(doerfler(lev.eta, 0.5))
+        room = 9 - lev.n_layers
+        top = sorted(np.argsort(-np.array(lev.sensitivity), kind="stable")[:min(k, room)].tolist())
+        assert lev.marked == top and len(lev.sensitivity) == lev.n_layers
+    model, x, y = _toy(2)  # same level-0 training: the same eta, so the same count as adaptive
+    ad = DWR(model, inner="adam", lr=0.05, steps=10, max_layers=9, max_levels=1).run(x, y)
+    assert len(ad[0].marked) == len(hist[0].marked)
+    with pytest.raises(ConfigError, match="sensitivity"):
+        DWR(model, strategy="sensitive")
+    with pytest.raises(ConfigError, match="scores"):
+        DWR(model, strategy="sensitivity").mark(torch.ones(len(model.mesh)))
+
+
+def test_adapt_runs_the_sensitivity_arm_and_rejects_unknown_arms():
+    from ocnet.adapt import run_adapt
+
+    res = run_adapt("donut", n0=2, max_layers=4, steps=3, n_train=60, n_test=60,
+                    arms=("adaptive", "sensitivity"))
+    assert res["sensitivity"].history[0].sensitivity
+    assert res["sensitivity"].history[-1].n_layers <= 4
+    with pytest.raises(ConfigError, match="sensitivity"):
+        run_adapt("donut", n0=2, max_layers=4, steps=1, n_train=30, n_test=30, arms=("sensli",))

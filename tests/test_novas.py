@@ -15,6 +15,7 @@ from ocnet.solvers.novas import (
     DCEM,
     NOVAS,
     UnrolledGD,
+    bisections,
     dcem,
     lml,
     novas,
@@ -304,6 +305,25 @@ def test_lml_is_the_projection_and_its_gradient_is_right():
     nu = torch.logit(p) - z
     assert float((nu - nu.mean(-1, keepdim=True)).abs().max()) < 1e-8
     assert torch.autograd.gradcheck(lambda t: lml(t, 3), (z.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lml_default_bisections_are_converged_to_the_last_bit(dtype):
+    """The dtype's default count gives the same bits as 200 bisections, over scales of z
+    and sample counts; a count well below it does not (so the default is not arbitrary)."""
+    g = torch.Generator().manual_seed(3)
+    n = bisections(dtype)
+    assert n == {torch.float32: 33, torch.float64: 62}[dtype]
+    short_differs = False
+    for scale in (0.01, 1.0, 100.0, 1e4):
+        for N, k in ((100, 10), (20, 5), (1000, 3)):
+            z = (torch.randn(32, N, generator=g, dtype=F64) * scale).to(dtype)
+            ref = lml(z, k, 200)
+            assert torch.equal(lml(z, k), ref), (scale, N, k)
+            short_differs |= not torch.equal(lml(z, k, n // 2), ref)
+    assert short_differs
+    with pytest.raises(ConfigError, match="n_bisect"):
+        lml(z, 3, 0)
 
 
 def test_dcem_and_unrolled_gd_gradients_match_central_differences():

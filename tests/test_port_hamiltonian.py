@@ -445,3 +445,98 @@ def test_step_never_reads_tensors_on_host(integrator, monkeypatch):
     monkeypatch.undo()
     assert len(opt.schedule.events()) >= 1
     assert float(torch.stack(losses)[-1]) < float(losses[0])
+
+
+# ---------------------------------------------------------------- the paper rule (one switch)
+
+
+def _window_reference(losses: list[float], window: int, ratio: float) -> int | None:
+    """Pure-Python reference of rule='paper': the first n with mean(L[n-w+1..n]) <= r L_0."""
+    target = ratio * losses[0]
+    for n in range(len(losses)):
+        recent = losses[max(0, n - window + 1):n + 1]
+        if sum(recent) / len(recent) <= target:
+            return n
+    return None
+
+
+def test_paper_rule_fires_exactly_when_the_window_mean_reaches_the_goal():
+    # L_0 = 2, goal 0.25 L_0 = 0.5; window means of 3: 2, 1.75, 1.5, 1.1, 0.767, 0.533, 0.333
+    # -> the event is at step 6, although single losses are <= 0.5 from step 4 on
+    losses = [2.0, 1.5, 1.0, 0.8, 0.5, 0.3, 0.2, 0.1, 0.9, 0.9]
+    sched = GoalBraking([0.25], [0.3, 3.0], window=3)
+    frictions, smoothed = [], []
+    for loss in losses:
+        g, s = sched.observe(torch.tensor(loss, dtype=F64))
+        frictions.append(float(g))
+        smoothed.append(float(sched.smoothed_loss))
+        assert float(s) == 1.0
+    assert [e["step"] for e in sched.events()] == [6] == [_window_reference(losses, 3, 0.25)]
+    assert frictions == [0.3] * 6 + [3.0] * 4        # braked from the event on, never undone
+    assert smoothed[:7] == pytest.approx([2.0, 1.75, 1.5, 1.1, 2.3 / 3, 1.6 / 3, 1.0 / 3])
+
+
+@pytest.mark.parametrize("window", [1, 7, 40])
+def test_paper_rule_matches_reference_on_a_noisy_sequence(window):
+    g = torch.Generator().manual_seed(11)
+    n = 300
+    t = torch.arange(n, dtype=F64)
+    losses = (2.3 * torch.exp(-t / 50) * (1 + 0.8 * torch.rand(n, generator=g, dtype=F64)))
+    losses = losses.tolist()
+    expected = _window_reference(losses, window, 0.1)
+    assert expected is not None
+    net = nn.Sequential(nn.Linear(2, 2))
+    solver = make_solver("phb-goal", to_problem(net, "cross_entropy"), rule="paper", r=0.1,
+                         gamma=0.2, brake=25.0, window=window)
+    sched = solver.schedule
+    assert sched.ratios == [0.1] and sched.frictions == [0.2, 5.0] and sched.window == window
+    gammas = [float(sched.observe(torch.tensor(v, dtype=F64))[0]) for v in losses]
+    assert [e["step"] for e in sched.events()] == [expected]
+    assert gammas == [0.2] * expected + [5.0] * (n - expected)
+    if window > 1:  # the averaging matters: single losses reach the goal earlier
+        assert min(i for i, v in enumerate(losses) if v <= 0.1 * losses[0]) < expected
+
+
+def test_paper_rule_options_and_errors():
+    problem = to_problem(nn.Sequential(nn.Linear(2, 2)), "cross_entropy")
+    sched = make_solver("phb-goal", problem, rule="paper").schedule
+    assert (sched.ratios, sched.frictions, sched.window) == ([0.1], [0.5, 5.0], 20)
+    sched = make_solver("phb-goal", problem, rule="paper", ratios="0.3,0.03",
+                        brake=4.0).schedule
+    assert sched.ratios == [0.3, 0.03] and sched.frictions == [0.5, 2.0, 8.0]
+    default = make_solver("phb-goal", problem).schedule  # the geometric default is unchanged
+    assert (default.ratios, default.frictions, default.window) == (
+        pytest.approx([0.1, 0.01]), pytest.approx([0.5, 5.0, 50.0]), None)
+    with pytest.raises(ConfigError, match="rule"):
+        make_solver("phb-goal", problem, rule="papers")
+    with pytest.raises(ConfigError, match="window"):
+        make_solver("phb-goal", problem, rule="paper", window=0)
+    with pytest.raises(ConfigError, match="step_factors"):
+        make_solver("phb-goal", problem, rule="paper", step_factors="1,0.5")
+    with pytest.raises(ConfigError, match=r"\(0, 1\)"):
+        make_solver("phb-goal", problem, rule="paper", r=1.5)
+
+
+def test_paper_rule_step_never_reads_tensors_on_host(monkeypatch):
+    model, x, y = _toy(9)
+    opt = PortHamiltonian(model.parameters(), lr=0.4,
+                          schedule=GoalBraking([0.9], [0.3, 3.0], window=5), track_energy=True)
+    for i in range(40):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if i == 1:
+            def refuse(*args, **kwargs):
+                raise AssertionError("host read of a tensor inside the step")
+
+            for name in ("__bool__", "__float__", "__int__", "item", "tolist", "numpy", "cpu"):
+                monkeypatch.setattr(torch.Tensor, name, refuse)
+        opt.step(loss=loss)
+    monkeypatch.undo()
+    assert len(opt.schedule.events()) == 1
+    sd = opt.state_dict()  # the window and its buffer survive a checkpoint
+    opt2 = PortHamiltonian(model.parameters(), lr=0.4,
+                           schedule=GoalBraking([0.9], [0.3, 3.0], window=5))
+    opt2.load_state_dict(sd)
+    assert opt2.schedule.window == 5
+    assert torch.equal(opt2.schedule._state["buf"], opt.schedule._state["buf"])

@@ -20,6 +20,23 @@ representation J - J_h = 1/2 L'(y_h)(y - y_h) + rho(y_h)(z_h) + R3; the adjoint 
 control residual terms are of higher order (docs/dwr.md). ``estimator="full"`` adds
 them, with the errors x - x_h, z - z_h, theta - theta_h approximated by a once-refined
 solve and Richardson extrapolation (order 1): e ~ 2 (y_{h/2} - y_h).
+
+``strategy="sensitivity"`` replaces *where* the layers go by SensLI's criterion (Kreis,
+Herberg, Koehne, Schiela, Herzog, arXiv 2311.15995): the first-order sensitivity of the
+objective to the virtual parameters a new layer would offer. Here a candidate is the
+bisection of I_m with both children copying theta_m (theta(t) unchanged, as DWR's
+refinement); the new degree of freedom is the *split* delta_m of the children,
+theta_{m,1} = theta_m - delta_m, theta_{m,2} = theta_m + delta_m, which the coarse mesh
+constrains to zero (theta_{m,2} - theta_{m,1} = 0). With g_{m,k} = dJ_fine/dtheta_{m,k} on
+the once-uniformly-refined mesh (one forward pass and costate sweep for all candidates, as
+SensLI's frozen zero layers at every position), the least-squares Lagrange multiplier of
+that constraint and the score are
+
+    mu_m = 1/2 (g_{m,1} - g_{m,2}) = -1/2 dJ_fine/d delta_m |_{delta=0},
+    s_m  = |mu_m|^2   (squared Euclidean norm over all control tensors of the interval)
+
+and the intervals with the largest s_m are bisected, as many as the Doerfler step marks
+(so the arms differ only in where the layers go). docs/dwr.md section 4 has the derivation.
 """
 
 from __future__ import annotations
@@ -40,7 +57,7 @@ from .registry import make_solver
 
 Inner = Callable[[Problem, Tensor, Tensor | None], None]
 ESTIMATORS = ("primal", "full")
-STRATEGIES = ("doerfler", "uniform", "random")
+STRATEGIES = ("doerfler", "uniform", "random", "sensitivity")
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -132,6 +149,24 @@ def full_indicators(model: NeuralODE, problem: Problem, fine: NeuralODE, fine_pr
     return torch.stack(etas)
 
 
+def sensitivities(model: NeuralODE, loss: Loss | str, x0: Tensor, y: Tensor | None) -> Tensor:
+    """SensLI's insertion sensitivities s_0..s_{N-1} of ``model``'s intervals (module docstring).
+
+    The model is bisected everywhere with copied controls; with g_{m,k} = dJ/dtheta of child
+    k of interval m on that mesh (one costate sweep), mu_m = (g_{m,1} - g_{m,2}) / 2 and
+    s_m = |mu_m|^2 (summed over the interval's control tensors). Largest s_m: the interval
+    whose new layer would decrease J fastest under a gradient step on the split."""
+    n = len(model.mesh)
+    fine = model.refine(list(range(n)))
+    grads = fine.problem(loss).gradients(x0, y)
+    off = fine.offset
+    out = []
+    for m in range(n):
+        g1, g2 = grads[off + 2 * m], grads[off + 2 * m + 1]
+        out.append(sum((0.5 * (a - b)).pow(2).sum() for a, b in zip(g1, g2, strict=True)))
+    return torch.stack(out).detach()
+
+
 def doerfler(eta: Sequence[float], theta: float = 0.5) -> list[int]:
     """The smallest set of intervals whose |eta| sum to at least theta * sum |eta| (sorted)."""
     if not 0 < theta <= 1:
@@ -157,6 +192,7 @@ class Level:
     estimate: float
     eta: list[float]
     marked: list[int] = field(default_factory=list)
+    sensitivity: list[float] = field(default_factory=list)
     train_accuracy: float | None = None
     test_accuracy: float | None = None
     seconds: float = 0.0
@@ -188,7 +224,9 @@ class DWR:
         max_levels: at most this many refinements.
         strategy: ``"doerfler"`` (default), ``"uniform"`` (bisect every interval: the
             baseline) or ``"random"`` (as many intervals as Doerfler marks, chosen at random:
-            the control that isolates *where* the layers go from *how many*).
+            the control that isolates *where* the layers go from *how many*) or
+            ``"sensitivity"`` (as many as Doerfler marks, the largest SensLI sensitivities
+            s_m of :func:`sensitivities`: the peer criterion).
         estimator: ``"primal"`` (default) or ``"full"`` (once-refined solve weights).
         seed: seeds the mini-batch order.
         **solver_options: passed to ``make_solver``.
@@ -241,10 +279,13 @@ class DWR:
         fine_problem = self.train(fine, x, y)
         return full_indicators(model, problem, fine, fine_problem, x, y)
 
-    def mark(self, eta: Tensor) -> list[int]:
-        """Doerfler marking (or all / random intervals), truncated to the layer budget."""
+    def mark(self, eta: Tensor, scores: Tensor | Sequence[float] | None = None) -> list[int]:
+        """Doerfler marking (or all / random / largest-``scores`` intervals), truncated to the
+        layer budget. ``scores`` (the SensLI sensitivities) is required by, and only used by,
+        ``strategy="sensitivity"``: it marks the len(doerfler(eta)) largest scores."""
         # Host decision between levels (which intervals get a layer): not inside a sweep.
         a = eta.abs().tolist()
+        rank = a
         if self.strategy == "uniform":
             chosen = list(range(len(a)))
         else:
@@ -252,9 +293,18 @@ class DWR:
             if self.strategy == "random":
                 perm = torch.randperm(len(a), generator=self.generator).tolist()
                 chosen = sorted(perm[:len(chosen)])
+            elif self.strategy == "sensitivity":
+                if scores is None:
+                    raise ConfigError("DWR.mark: strategy='sensitivity' needs the scores (the "
+                                      "SensLI sensitivities from ocnet.solvers.dwr.sensitivities)")
+                rank = [float(v) for v in (scores.tolist() if isinstance(scores, Tensor)
+                                           else scores)]
+                if len(rank) != len(a):
+                    raise ConfigError(f"DWR.mark: {len(rank)} scores for {len(a)} intervals")
+                chosen = sorted(sorted(range(len(a)), key=lambda i: -rank[i])[:len(chosen)])
         room = self.max_layers - len(a)
         if len(chosen) > room:
-            chosen = sorted(sorted(chosen, key=lambda i: -a[i])[:max(room, 0)])
+            chosen = sorted(sorted(chosen, key=lambda i: -rank[i])[:max(room, 0)])
         return chosen
 
     # ------------------------------------------------------------------ loop
@@ -284,7 +334,11 @@ class DWR:
             done = (abs(rec.estimate) <= self.tol or len(model.mesh) >= self.max_layers
                     or level == self.max_levels)
             if not done:
-                rec.marked = self.mark(eta)
+                scores = None
+                if self.strategy == "sensitivity":
+                    scores = sensitivities(model, self.loss, x, y)
+                    rec.sensitivity = scores.tolist()
+                rec.marked = self.mark(eta, scores)
             rec.seconds = time.perf_counter() - start
             self.history.append(rec)
             self.models.append(model)
