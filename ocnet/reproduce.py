@@ -142,10 +142,12 @@ def _plt() -> Any:
 
 
 def _fit(problem: Any, solver: Any, x: torch.Tensor, y: torch.Tensor, batch: int, epochs: int,
-         seed: int) -> dict[str, Any]:
-    """Mini-batch training: per-epoch mean batch loss, median solver seconds per step."""
+         seed: int, evaluate: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Mini-batch training: per-epoch mean batch loss, median solver seconds per step, and
+    with ``evaluate`` (e.g. held-out accuracy) its value after every epoch (``eval_curve``)."""
     gen = torch.Generator().manual_seed(seed)
     curve: list[float] = []
+    evals: list[float] = []
     secs: list[float] = []
     for _ in range(epochs):
         losses = []
@@ -154,10 +156,13 @@ def _fit(problem: Any, solver: Any, x: torch.Tensor, y: torch.Tensor, batch: int
             losses.append(float(info.loss))
             secs.append(float(info.seconds))
         curve.append(_mean(losses) if all(math.isfinite(v) for v in losses) else math.nan)
+        if evaluate is not None:
+            with torch.no_grad():
+                evals.append(evaluate() if math.isfinite(curve[-1]) else math.nan)
         if not math.isfinite(curve[-1]):
             break
     tail = secs[len(secs) // 10:] or secs or [math.nan]
-    return {"curve": curve, "sec": statistics.median(tail),
+    return {"curve": curve, "eval_curve": evals, "sec": statistics.median(tail),
             "diverged": not (curve and math.isfinite(curve[-1]))}
 
 
@@ -789,11 +794,10 @@ def _dwr_goal_error(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
     """|Phi(ODE) - Phi(Euler)|: the goal's discretisation error of a trained network, the
     training cross-entropy of the same controls solved by dopri5 (rtol 1e-6) minus the Euler
     network's (R_h cancels: same theta)."""
-    import torch.nn.functional as F  # noqa: N812
-
+    ce = nn.functional.cross_entropy
     with torch.no_grad():
-        ode = F.cross_entropy(model.integrate(x, "dopri5", rtol=1e-6, atol=1e-7), y)
-        return abs(float(ode - F.cross_entropy(model(x), y)))
+        ode = ce(model.integrate(x, "dopri5", rtol=1e-6, atol=1e-7), y)
+        return abs(float(ode - ce(model(x), y)))
 
 
 def _dwr_first_reaching(hist: list[Any], target: float) -> int | None:
@@ -969,26 +973,6 @@ _BASELINE_NAMES = {"sgd": "SGD", "momentum": "heavy ball (SGD momentum 0.9)", "a
                    "phb": "constant-friction phb"}
 
 
-def _braking_fit(solver: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 xe: torch.Tensor, ye: torch.Tensor, batch: int, epochs: int,
-                 seed: int) -> dict[str, Any]:
-    """Mini-batch training with the per-epoch mean batch loss and held-out accuracy."""
-    gen = torch.Generator().manual_seed(seed)
-    curve: list[float] = []
-    accs: list[float] = []
-    for _ in range(epochs):
-        losses = [float(solver.step(xb, yb).loss)
-                  for xb, yb in batches(x, y, batch, generator=gen)]
-        curve.append(_mean(losses) if all(math.isfinite(v) for v in losses) else math.nan)
-        with torch.no_grad():
-            accs.append(_accuracy(model, xe, ye) if math.isfinite(curve[-1]) else math.nan)
-        if not math.isfinite(curve[-1]):
-            break
-    diverged = not (curve and math.isfinite(curve[-1]))
-    return {"curve": curve, "acc_curve": accs, "acc": math.nan if diverged else accs[-1],
-            "diverged": diverged}
-
-
 def _braking_se(a: list[float], b: list[float]) -> float:
     """The standard error of mean(a) - mean(b). Runs of the same seed share the initial
     weights and the batch order, so equal-length lists are paired (the error of the mean
@@ -1104,7 +1088,10 @@ def goal_braking(level: str, out: Path) -> Row:
         else:  # the paper rule: one switch when the epoch-window mean loss <= r L_0
             solver = make_solver("phb-goal", problem, lr=lr, rule="paper", r=r, gamma=gamma,
                                  brake=brake, window=per_epoch)
-        res = _braking_fit(solver, model, x, y, xe, ye, batch, epochs, 1000 + seed)
+        res = _fit(problem, solver, x, y, batch, epochs, 1000 + seed,
+                   evaluate=lambda: _accuracy(model, xe, ye))
+        res["acc_curve"] = res["eval_curve"]
+        res["acc"] = math.nan if res["diverged"] else res["eval_curve"][-1]
         res["events"] = [e["step"] / per_epoch for e in solver.events()] if r else []
         return res
 
