@@ -252,6 +252,8 @@ def timing(s: Setup, rounds: int, warmup: int) -> tuple[list[str], dict]:
         'ocnet NOVAS (preset="paper")': ocnet_update(s)[0],
         'ocnet NOVAS (preset="paper", tol=None: no early-stop test)':
             ocnet_update(s, tol=None)[0],
+        'ocnet NOVAS (preset="paper", fused=False: the tensor path)':
+            ocnet_update(s, fused=False)[0],
         "energy net only (arithmetic floor)": arithmetic_update(s),
     }
     names = list(entries)

@@ -70,6 +70,16 @@ def _log(msg: str) -> None:
     print(f"[reproduce {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+#: ``run(..., seeds=N)`` / ``--seeds N``: at most N seeds per entry (None: the level's own)
+_SEEDS_CAP: int | None = None
+
+
+def _seeds(n: int) -> int:
+    """The number of seeds an entry runs: its level's ``n``, capped by ``--seeds`` (a cap
+    below the paper's count shows in the row as the cut ``seeds used / paper``)."""
+    return n if _SEEDS_CAP is None else min(n, _SEEDS_CAP)
+
+
 def _cuts(cfg: dict[str, Any], paper: dict[str, Any]) -> list[str]:
     """The settings where this run's protocol differs from the paper's: 'key used / paper'."""
     out = []
@@ -372,7 +382,7 @@ def emsa_toy(level: str, out: Path) -> Row:
 def emsa_classification(level: str, out: Path) -> Row:
     paper = {"data": "MNIST", "seeds": 10, "epochs": 10}
     cfg = {"data": "DIGITS (MNIST needs a download)",
-           "seeds": {"quick": 1, "reduced": 3, "paper": 10}[level],
+           "seeds": _seeds({"quick": 1, "reduced": 3, "paper": 10}[level]),
            "epochs": {"quick": 1, "reduced": 5, "paper": 10}[level]}
     solvers = {"E-MSA (rho 10, mean scaling)": ("emsa", {"rho": 10.0, "inner_iters": 10}),
                "Adam (lr 3e-3)": ("adam", {"lr": 3e-3}),
@@ -448,7 +458,7 @@ def _digits_fcn_run(solver: str, opts: dict[str, Any], seed: int, epochs: int,
 
 def ddpnopt_lr_sweep(level: str, out: Path) -> Row:
     paper = {"seeds": 10, "bases": ["sgd", "rmsprop", "adam"], "epochs": 20}
-    cfg = {"seeds": {"quick": 1, "reduced": 3, "paper": 10}[level],
+    cfg = {"seeds": _seeds({"quick": 1, "reduced": 3, "paper": 10}[level]),
            "bases": ["adam"] if level == "quick" else ["sgd", "adam"] if level == "reduced"
            else ["sgd", "rmsprop", "adam"],
            "epochs": {"quick": 1, "reduced": 10, "paper": 20}[level]}
@@ -527,7 +537,7 @@ class _MMCLoss(nn.Module):
 
 def ddpnopt_vanishing(level: str, out: Path) -> Row:
     paper = {"seeds": 10, "epochs": 30}
-    cfg = {"seeds": {"quick": 1, "reduced": 3, "paper": 10}[level],
+    cfg = {"seeds": _seeds({"quick": 1, "reduced": 3, "paper": 10}[level]),
            "epochs": {"quick": 1, "reduced": 15, "paper": 30}[level]}
     arms = {"sgd": ("sgd", {"lr": 0.1}), "ddpnopt-sgd": ("ddpnopt", {"base": "sgd", "lr": 0.1})}
     if level != "quick":
@@ -594,24 +604,38 @@ class _EnergyNet(nn.Module):
         return self.net(torch.cat([xs, Y], -1)).squeeze(-1)
 
 
+#: The two public regression protocols (REFERENCE.md section 5), the same for the three
+#: methods: the NOVAS script (iexarchos/NOVAS SPEN/regression.py, regression_conf.py) and
+#: the DCEM script (facebookresearch/dcem exps/regression.py, regression-conf.yaml). Both
+#: validate every 100 updates into ReduceLROnPlateau(patience 20, factor 0.5).
+_NOVAS_PROTOCOLS: dict[str, dict[str, Any]] = {
+    # 200 points of [0, 2 pi], a random 25 % held out, minibatches of 10 without replacement
+    "P200": {"points": 200, "valid_frac": 0.25, "batch": 10, "repeats": 1},
+    # 100 points used to train and to validate; one point per draw, 3 updates on it
+    "P100": {"points": 100, "valid_frac": 0.0, "batch": 1, "repeats": 3},
+}
+_NOVAS_VALID_EVERY, _NOVAS_PATIENCE = 100, 20
+_NOVAS_METHODS = ("NOVAS", "DCEM", "unrolled GD")
+
+
 def _novas_layer(method: str, net: nn.Module) -> nn.Module:
     from .solvers.novas import DCEM, NOVAS, UnrolledGD
 
-    if method == "NOVAS":  # the public NOVAS regression script: the soft-CE shape
-        return NOVAS(net, 1, mu0=0.0, sigma0=10.0, n_samples=100, n_iter=10, shape="soft_ce")
+    if method == "NOVAS":  # the public NOVAS regression script, early stop included
+        return NOVAS(net, 1, preset="paper")
     if method == "DCEM":
-        return DCEM(net, 1, mu0=0.0, sigma0=7.0, n_samples=100, n_elite=10, n_iter=10)
+        return DCEM(net, 1, preset="paper")
     return UnrolledGD(net, 1, mu0=0.0, n_iter=10, lr=0.1)
 
 
 def _novas_data(protocol: str, seed: int) -> tuple[torch.Tensor, ...]:
-    """P200: 200 points on a linspace of [0, 2 pi], a random 25 % held out; P100: 100 points
-    used both to train and to test."""
-    n = 200 if protocol == "P200" else 100
-    x = torch.linspace(0.0, 2 * math.pi, n)
-    if protocol == "P200":
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(1000 + seed))
-        xt, xv = x[perm[50:]], x[perm[:50]]
+    """(x_train, y_train, x_valid, y_valid) of ``protocol`` on y = x sin x."""
+    p = _NOVAS_PROTOCOLS[protocol]
+    x = torch.linspace(0.0, 2 * math.pi, p["points"])
+    n_valid = math.ceil(p["valid_frac"] * p["points"])
+    if n_valid:
+        perm = torch.randperm(p["points"], generator=torch.Generator().manual_seed(1000 + seed))
+        xt, xv = x[perm[n_valid:]], x[perm[:n_valid]]
     else:
         xt = xv = x
     return xt[:, None], (xt * torch.sin(xt))[:, None], xv[:, None], (xv * torch.sin(xv))[:, None]
@@ -624,88 +648,185 @@ def _novas_eval(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,
         return float((layer(x, generator=g, **overrides) - y).pow(2).mean())
 
 
+def _novas_run(protocol: str, method: str, seed: int, updates: int,
+               grid: list[int]) -> dict[str, Any]:
+    """One training run of ``method`` on ``protocol``: the validation curve (every 100
+    updates; P100: every 300, see below), the test MSE at each inner iteration count of
+    ``grid`` and the CPU seconds per update (process time: unaffected by other jobs' load
+    or by the run being paused)."""
+    p = _NOVAS_PROTOCOLS[protocol]
+    xt, yt, xv, yv = _novas_data(protocol, seed)
+    torch.manual_seed(seed)
+    net = _EnergyNet()
+    layer = _novas_layer(method, net)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "min", factor=0.5,
+                                                       patience=_NOVAS_PATIENCE)
+    g = torch.Generator().manual_seed(seed)
+    curve: list[float] = []
+    step, t0, t_eval = 0, time.process_time(), 0.0
+    while step < updates:
+        idx = torch.randperm(xt.shape[0], generator=g)[:p["batch"]]
+        for _ in range(min(p["repeats"], updates - step)):
+            loss = (layer(xt[idx], generator=g) - yt[idx]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            step += 1
+        # as in both public loops, the test follows the updates on one draw: with P100's 3
+        # updates per draw it comes every 300 updates (the first multiple of 100 reached)
+        if step % _NOVAS_VALID_EVERY == 0:
+            te = time.process_time()
+            curve.append(_novas_eval(layer, xv, yv, seed))
+            sched.step(curve[-1])
+            t_eval += time.process_time() - te
+    sec = (time.process_time() - t0 - t_eval) / updates
+    abl = [_novas_eval(layer, xv, yv, seed, n_iter=k) for k in grid]
+    return {"protocol": protocol, "method": method, "seed": seed, "updates": updates,
+            "test": abl[grid.index(10)], "ablation": abl, "grid": grid, "sec": sec,
+            "curve": curve, "lr": opt.param_groups[0]["lr"]}
+
+
+def _novas_runs(cfg: dict[str, Any], grid: list[int],
+                store: Path | None) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every (seed, protocol, method) run of ``cfg``. With ``store`` (the paper level) each
+    run is kept in ``store/PROTOCOL_METHOD_SEED_UPDATES.json`` (written atomically) and
+    reused, and claimed under a lock file while it runs, so the same command started in
+    several processes shares the runs and a killed run loses only the runs in flight."""
+    from filelock import FileLock, Timeout
+
+    keys = [(s, p, m) for s in range(cfg["seeds"]) for p in cfg["protocols"]
+            for m in _NOVAS_METHODS]
+
+    def path(s: int, p: str, m: str) -> Path:
+        assert store is not None
+        return store / f"{p}_{m.replace(' ', '-')}_{s}_{cfg['updates']}.json"
+
+    def load_run(s: int, p: str, m: str) -> dict[str, Any] | None:
+        f = path(s, p, m)
+        if not f.exists():
+            return None
+        r = json.loads(f.read_text())
+        return r if r.get("grid") == grid else None
+
+    def run_one(s: int, p: str, m: str) -> dict[str, Any]:
+        r = _novas_run(p, m, s, cfg["updates"], grid)
+        _log(f"novas-regression {p} {m} seed {s}: MSE {r['test']:.3f} "
+             f"({r['sec'] * 1e3:.1f} ms/update)")
+        return r
+
+    if store is None:
+        runs = {k: run_one(*k) for k in keys}
+    else:
+        store.mkdir(parents=True, exist_ok=True)
+        runs = {}
+        for k in keys:  # first pass: take every run nobody holds
+            if (r := load_run(*k)) is not None:
+                runs[k] = r
+                continue
+            lock = FileLock(str(path(*k)) + ".lock")
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # another process runs it
+            try:
+                if (r := load_run(*k)) is None:
+                    r = run_one(*k)
+                    _atomic_write(path(*k), json.dumps(_jsonable(r)) + "\n")
+                runs[k] = r
+            finally:
+                lock.release()
+        for k in keys:  # then wait for the runs other processes held
+            if k not in runs:
+                with FileLock(str(path(*k)) + ".lock"):
+                    runs[k] = load_run(*k) or run_one(*k)
+    return {p: {m: [runs[(s, p, m)] for s in range(cfg["seeds"])] for m in _NOVAS_METHODS}
+            for p in cfg["protocols"]}
+
+
 def novas_regression(level: str, out: Path) -> Row:
     paper = {"updates": 18000, "seeds": 5, "protocols": ["P200", "P100"]}
     cfg = {"updates": {"quick": 20, "reduced": 300, "paper": 18000}[level],
-           "seeds": {"quick": 1, "reduced": 2, "paper": 5}[level],
+           "seeds": _seeds({"quick": 1, "reduced": 2, "paper": 5}[level]),
            "protocols": ["P200"] if level != "paper" else ["P200", "P100"]}
     grid = [1, 2, 5, 10, 20, 30] if level != "paper" else list(range(1, 31))
-    methods = ("NOVAS", "DCEM", "unrolled GD")
-    res: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for protocol in cfg["protocols"]:
-        res[protocol] = {m: [] for m in methods}
-        for seed in range(cfg["seeds"]):
-            xt, yt, xv, yv = _novas_data(protocol, seed)
-            for m in methods:
-                torch.manual_seed(seed)
-                net = _EnergyNet()
-                layer = _novas_layer(m, net)
-                opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-                sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "min", factor=0.5,
-                                                                   patience=5)
-                g = torch.Generator().manual_seed(seed)
-                t0 = time.perf_counter()
-                for step in range(cfg["updates"]):
-                    idx = torch.randperm(xt.shape[0], generator=g)[:10]
-                    loss = (layer(xt[idx], generator=g) - yt[idx]).pow(2).mean()
-                    opt.zero_grad()
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                    opt.step()
-                    if (step + 1) % 50 == 0:
-                        sched.step(_novas_eval(layer, xv, yv, seed))
-                sec = (time.perf_counter() - t0) / cfg["updates"]
-                abl = [_novas_eval(layer, xv, yv, seed, n_iter=k) for k in grid]
-                res[protocol][m].append({"test": abl[grid.index(10)], "ablation": abl,
-                                         "sec": sec})
-                _log(f"novas-regression {protocol} {m} seed {seed}: MSE {abl[grid.index(10)]:.3f}")
-    p = cfg["protocols"][0]
-    r = res[p]
-    test = {m: _mean([x["test"] for x in r[m]]) for m in methods}
+    methods = _NOVAS_METHODS
+    res = _novas_runs(cfg, grid, out / "novas_regression_runs" if level == "paper" else None)
     off_idx = [j for j, k in enumerate(grid) if k != 10]
-    off = {m: _mean([x["ablation"][j] for x in r[m] for j in off_idx]) for m in methods}
-    sec = {m: _mean([x["sec"] for x in r[m]]) for m in methods}
-    # the claims: NOVAS is competitive with DCEM at the training iteration count, and unlike
-    # unrolled GD it does not overfit the number of inner iterations
-    competitive = test["NOVAS"] <= 1.25 * test["DCEM"]
-    robust = off["NOVAS"] < off["unrolled GD"]
-    agrees = competitive and robust
-    ocnet = (f"{p} test MSE at 10 inner its: " + ", ".join(f"{m} {_g(test[m])}" for m in methods)
-             + "; mean over off-training counts " + _short(
-                 [k for k in grid if k != 10]) + ": "
-             + ", ".join(f"{m} {_g(off[m])}" for m in methods)
-             + "; s/update " + ", ".join(f"{m} {sec[m] / sec['NOVAS']:.2f}x" for m in methods)
-             + " NOVAS")
-    reason = (f"NOVAS {'within' if competitive else 'above'} 1.25x DCEM's MSE at 10 "
-              f"iterations; {'less' if robust else 'not less'} sensitive than unrolled GD to "
-              "the test-time iteration count")
+    summary: dict[str, dict[str, Any]] = {}
+    texts, agree = [], []
+    for p, r in res.items():
+        test = {m: _mean([x["test"] for x in r[m]]) for m in methods}
+        sd = {m: _sd([x["test"] for x in r[m]]) for m in methods}
+        off = {m: _mean([x["ablation"][j] for x in r[m] for j in off_idx]) for m in methods}
+        sec = {m: _mean([x["sec"] for x in r[m]]) for m in methods}
+        # the claims: NOVAS is competitive with DCEM at the training iteration count, and
+        # unlike unrolled GD it does not overfit the number of inner iterations
+        competitive = test["NOVAS"] <= 1.25 * test["DCEM"]
+        robust = off["NOVAS"] < off["unrolled GD"]
+        agree.append((p, competitive, robust))
+        summary[p] = {"test": test, "test_sd": sd, "off": off, "sec": sec,
+                      "competitive": competitive, "robust": robust}
+        texts.append(f"{p} test MSE at 10 inner its: "
+                     + ", ".join(f"{m} {_g(test[m])}" for m in methods)
+                     + "; mean over off-training counts: "
+                     + ", ".join(f"{m} {_g(off[m])}" for m in methods)
+                     + "; s/update " + ", ".join(f"{m} {sec[m] / sec['NOVAS']:.2f}x"
+                                                 for m in methods) + " NOVAS")
+    ocnet = (f"(off-training counts {_short([k for k in grid if k != 10])}) "
+             + "; ".join(texts))
+    agrees = all(c and rb for _, c, rb in agree)
+    reason = "; ".join(
+        f"{p}: NOVAS {'within' if c else 'above'} 1.25x DCEM's MSE at 10 iterations, "
+        f"{'less' if rb else 'not less'} sensitive than unrolled GD to the test-time "
+        "iteration count" for p, c, rb in agree)
     if not agrees and cfg["updates"] < paper["updates"]:
         reason += (f" after {cfg['updates']} of the public code's {paper['updates']} updates "
                    "(far from converged)")
     verdict, why = _verdict(agrees, _cuts(cfg, paper), reason)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
-        a = np.array([x["ablation"] for x in r[m]]).mean(0)
-        ax.plot(grid, a, "o-", ms=3, label=m)
-    ax.axvline(10, color="k", lw=0.8, ls="--")
-    ax.set_yscale("log")
-    ax.set_xlabel("inner iterations at test (trained with 10)")
-    ax.set_ylabel("test MSE")
-    ax.set_title(f"energy regression y = x sin x ({p}, {cfg['updates']} updates)")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(2, len(res), figsize=(6 * len(res), 7), squeeze=False)
+    for col, (p, r) in enumerate(res.items()):
+        ax = axes[0][col]
+        for m in methods:
+            a = np.array([x["ablation"] for x in r[m]]).mean(0)
+            ax.plot(grid, a, "o-", ms=3, label=m)
+        ax.axvline(10, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xlabel("inner iterations at test (trained with 10)")
+        ax.set_ylabel("test MSE")
+        ax.set_title(f"y = x sin x, {p}, {cfg['updates']} updates, {cfg['seeds']} seed(s)")
+        ax.legend(fontsize=7)
+        ax = axes[1][col]
+        for m in methods:
+            curves = [x["curve"] for x in r[m] if x["curve"]]
+            if curves:
+                c = np.exp(np.log(np.array(curves)).mean(0))
+                every = cfg["updates"] / len(c)
+                ax.plot(every * np.arange(1, len(c) + 1), c, label=m)
+        ax.set_yscale("log")
+        ax.set_xlabel("updates")
+        ax.set_ylabel("validation MSE (geometric mean over seeds)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _savefig(fig, _fig(out, "novas-regression"))
     return {
-        "protocol": f"y = x sin x, energy net 3 x 128 Softplus, Adam 1e-3 + plateau schedule, "
-                    f"clip 1, minibatch 10, {cfg['updates']} updates, seeds {cfg['seeds']}, "
-                    f"protocols {'/'.join(cfg['protocols'])}; NOVAS soft-CE (public regression "
-                    "script), DCEM 10/100 elites sigma0 7, unrolled GD 10 x lr 0.1",
+        "protocol": f"y = x sin x, energy net 3 x 128 Softplus, Adam 1e-3, ReduceLROnPlateau "
+                    f"(validation every {_NOVAS_VALID_EVERY} updates as the public loops test "
+                    f"it: P100 every 300; patience {_NOVAS_PATIENCE}, factor 0.5), clip 1, "
+                    f"{cfg['updates']} updates, "
+                    f"seeds {cfg['seeds']}, protocols {'/'.join(cfg['protocols'])} (P200: the "
+                    "NOVAS script's 150 / 50 split, minibatch 10; P100: the DCEM script's 100 "
+                    "points, one per draw, 3 updates on it); NOVAS preset='paper' (soft-CE, "
+                    "early stop 1e-4), DCEM preset='paper' (10/100 elites, sigma0 7), "
+                    "unrolled GD 10 x lr 0.1",
         "paper": "NOVAS benchmarked against DCEM and unrolled GD on the energy regression; "
                  "unrolled GD overfits its inner step count (train 10, test 1..30); the NOVAS "
                  "paper's numbers were not recoverable (seed 004 abstract; REFERENCE.md s.5)",
         "ocnet": ocnet, "reproduced": verdict, "why": why,
-        "data": {pp: {m: v for m, v in d.items()} for pp, d in res.items()} | {"grid": grid},
+        "data": {pp: {m: v for m, v in d.items()} for pp, d in res.items()}
+        | {"grid": grid, "summary": summary},
     }
 
 
@@ -721,7 +842,7 @@ def novas_global(level: str, out: Path) -> Row:
     from .solvers.novas import dcem, novas
 
     paper = {"seeds": 100}
-    cfg = {"seeds": {"quick": 10, "reduced": 100, "paper": 100}[level]}
+    cfg = {"seeds": _seeds({"quick": 10, "reduced": 100, "paper": 100}[level])}
     f64 = torch.float64
     r = np.roots([4.0, 0.0, -4.0, 0.3])
     r = r[np.isreal(r)].real
@@ -846,7 +967,7 @@ def dwr_placement(level: str, out: Path) -> Row:
              "steps per level": 150, "max layers": 32, "n0": 4, "n_train": 500,
              "n_test": "all"}
     cfg = {"datasets": ["spirals"] if level == "quick" else paper["datasets"],
-           "seeds": {"quick": 1, "reduced": 5, "paper": 5}[level],
+           "seeds": _seeds({"quick": 1, "reduced": 5, "paper": 5}[level]),
            "steps per level": {"quick": 20, "reduced": 80, "paper": 150}[level],
            "max layers": {"quick": 8, "reduced": 32, "paper": 32}[level],
            "n0": {"quick": 2, "reduced": 4, "paper": 4}[level],
@@ -1053,7 +1174,7 @@ def goal_braking(level: str, out: Path) -> Row:
              "epochs (mlp/cnn)": [40, 25]}
     cfg = {"settings": ["digits-mlp"] if level == "quick"
            else paper["settings"],
-           "seeds": {"quick": 1, "reduced": 3, "paper": 10}[level],
+           "seeds": _seeds({"quick": 1, "reduced": 3, "paper": 10}[level]),
            "epochs (mlp/cnn)": {"quick": [2, 2], "reduced": [13, 8], "paper": [40, 25]}[level]}
     grids = {"sgd": [0.1, 0.3], "momentum": [0.01, 0.03], "adam": [1e-3, 3e-3],
              "phb": [0.2, 0.4]}
@@ -1243,7 +1364,7 @@ def seed003_protocol(level: str, out: Path) -> Row:
     cfg = {"settings": ["mlp-digits"] if level == "quick" else paper["settings"],
            "epochs": {"quick": 1, "reduced": 4, "paper": 20}[level],
            "lr factors": [1.0] if level == "quick" else paper["lr factors"],
-           "seeds": {"quick": 1, "reduced": 1, "paper": 3}[level]}
+           "seeds": _seeds({"quick": 1, "reduced": 1, "paper": 3}[level])}
     solvers = (["adam", "sgd"] if level == "quick"
                else ["adam", "sgd", "momentum", "rmsprop", "ddpnopt", "phb", "phb-goal", "emsa",
                                                            "msa"])
@@ -1470,14 +1591,24 @@ def _jsonable(obj: Any) -> Any:
 
 
 def run(quick: bool, only: list[str] | None, out: Path, *, paper: bool = False,
-        threads: int | None = 1) -> list[dict[str, Any]]:
+        threads: int | None = 1, seeds: int | None = None) -> list[dict[str, Any]]:
     """Run the entries (all, or those in ``only``), print the table and write
     ``OUT/reproduce.json``, ``OUT/reproduce.md`` and one ``OUT/reproduce_NAME.png`` per entry
     (each file written atomically). ``quick``: the smoke-test level; default: the reduced
     level; ``paper``: the full protocols. Returns the rows (``COLUMNS`` plus name, level,
-    seconds, figure, full_command and the entry's raw data)."""
+    seconds, figure, full_command and the entry's raw data). ``seeds``: run at most this
+    many seeds per entry (the rows record the cut).
+
+    At the paper level ``novas-regression`` keeps each training run in
+    ``OUT/novas_regression_runs/`` and claims it under a lock while it runs: the same
+    command started twice shares the runs between two processes, and a killed command
+    resumes where it stopped."""
+    global _SEEDS_CAP
     if quick and paper:
         raise ConfigError("reproduce: choose one of quick and paper, not both")
+    if seeds is not None and seeds < 1:
+        raise ConfigError(f"reproduce: seeds={seeds}; give at least 1 (or leave it out for "
+                          "each level's own count)")
     names = _check_names(only)
     level = "quick" if quick else "paper" if paper else "reduced"
     out = Path(out)
@@ -1486,15 +1617,20 @@ def run(quick: bool, only: list[str] | None, out: Path, *, paper: bool = False,
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     rows = []
-    for name in names:
-        _log(f"{name} ({level}) ...")
-        rows.append(run_entry(name, level, out))
-        _log(f"{name}: {rows[-1]['reproduced']} ({rows[-1]['seconds']} s)")
+    _SEEDS_CAP = seeds
+    try:
+        for name in names:
+            _log(f"{name} ({level}) ...")
+            rows.append(run_entry(name, level, out))
+            _log(f"{name}: {rows[-1]['reproduced']} ({rows[-1]['seconds']} s)")
+    finally:
+        _SEEDS_CAP = None
     total = time.perf_counter() - t0
     table = markdown_table(rows)
     print(table)
     print(f"\n{len(rows)} entries, level {level}, {total:.0f} s wall")
     meta = {"level": level, "seconds": round(total, 1), "torch": torch.__version__,
+            "seeds_cap": seeds,
             "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     _atomic_write(out / "reproduce.json", json.dumps(
@@ -1520,12 +1656,14 @@ def run(quick: bool, only: list[str] | None, out: Path, *, paper: bool = False,
 @click.option("--out", "out", default="runs/reproduce", show_default=True,
               type=click.Path(file_okay=False), help="output folder")
 @click.option("--threads", default=1, show_default=True, help="torch threads")
+@click.option("--seeds", type=click.IntRange(min=1), default=None,
+              help="at most this many seeds per entry (the rows record the cut)")
 def reproduce_command(quick: bool, paper: bool, only: tuple[str, ...], out: str,
-                      threads: int) -> None:
+                      threads: int, seeds: int | None) -> None:
     """Every seed paper's claim as a row: claim, source, protocol, the paper's figure,
     ocnet's, reproduced (yes / partly / no) and why."""
     try:
-        run(quick, list(only) or None, Path(out), paper=paper, threads=threads)
+        run(quick, list(only) or None, Path(out), paper=paper, threads=threads, seeds=seeds)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
 

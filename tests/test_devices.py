@@ -234,8 +234,10 @@ class _Energy(nn.Module):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layer_cls,options", [
-    (NOVAS, {"tol": 1e-4, "sigma0": 1.0, "kappa": 20.0}),
-    (NOVAS, {"differentiate": "all", "shape": "soft_ce", "sigma0": 1.0}),
+    # fused=False: the CPU emulation of the guard checks the path a GPU runs (the fused
+    # kernel is a CPU-only path; tests/test_novas_fused.py)
+    (NOVAS, {"tol": 1e-4, "sigma0": 1.0, "kappa": 20.0, "fused": False}),
+    (NOVAS, {"differentiate": "all", "shape": "soft_ce", "sigma0": 1.0, "fused": False}),
     (DCEM, {"tol": 1e-4}),
     (UnrolledGD, {}),
 ], ids=["novas", "novas-all-soft_ce", "dcem", "unrolled_gd"])
@@ -280,7 +282,7 @@ def test_the_documented_host_decisions_are_real(where: str) -> None:
         solver = make_solver("phb", problem, integrator="ode")
         run = lambda: solver.step(x, y)  # noqa: E731
     elif where == "novas-check_every":
-        layer = NOVAS(_Energy(), 2, tol=1e-4, check_every=2).double()
+        layer = NOVAS(_Energy(), 2, tol=1e-4, check_every=2, fused=False).double()
         run = lambda: layer(x[:, :2])  # noqa: E731
     else:
         model = NeuralODE(AntisymmetricField(4), TimeMesh.uniform(1.0, 2), in_features=3,

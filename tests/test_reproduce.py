@@ -103,3 +103,61 @@ def test_command_rejects_an_unknown_name_with_the_valid_ones(tmp_path):
                                                  str(tmp_path)])
     assert res.exit_code == 2
     assert "nope" in res.output and "novas-global" in res.output
+
+
+def test_seeds_cap_is_recorded_as_a_cut(tmp_path):
+    from ocnet import reproduce
+
+    with pytest.raises(ConfigError, match="at least 1"):
+        run(quick=True, only=["novas-global"], out=tmp_path, seeds=0)
+    rows = run(quick=True, only=["novas-global"], out=tmp_path, seeds=3)
+    assert rows[0]["data"]["seeds"] == 3 and "seeds 3 / 100" in rows[0]["why"]
+    assert reproduce._SEEDS_CAP is None  # the cap does not outlive the run
+
+
+def test_novas_runs_are_kept_claimed_and_reused(tmp_path, monkeypatch):
+    """The paper level's store: each run written once (atomically, as JSON), reused by a
+    later call, skipped while another process holds its lock, then read once released."""
+    from filelock import FileLock
+
+    from ocnet import reproduce
+
+    calls, stamps, written = [], [], []
+
+    def fake_run(protocol, method, seed, updates, grid):
+        calls.append((protocol, method, seed))
+        stamps.append(time.monotonic())
+        return {"protocol": protocol, "method": method, "seed": seed, "test": 1.0,
+                "ablation": [1.0] * len(grid), "grid": grid, "sec": 0.01, "curve": []}
+
+    monkeypatch.setattr(reproduce, "_novas_run", fake_run)
+    cfg = {"updates": 7, "seeds": 2, "protocols": ["P200", "P100"]}
+    grid = [1, 10]
+    held = tmp_path / "P100_DCEM_1_7.json"
+    import threading
+
+    holding = threading.Event()
+
+    def other_process():  # holds one run's lock, then writes that run and releases
+        with FileLock(str(held) + ".lock"):
+            holding.set()
+            time.sleep(0.5)
+            held.write_text(json.dumps(fake_run("P100", "DCEM", 1, 7, grid)))
+            written.append(time.monotonic())
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    holding.wait()
+    res = reproduce._novas_runs(cfg, grid, tmp_path)
+    t.join()
+    assert len(calls) == 12 and calls.count(("P100", "DCEM", 1)) == 1  # 11 here, 1 "there"
+    # the held run was skipped, not waited for: the run after it came before its file
+    assert stamps[calls.index(("P100", "unrolled GD", 1))] < written[0]
+    assert sorted(res) == ["P100", "P200"] and len(res["P100"]["DCEM"]) == 2
+    assert len(list(tmp_path.glob("*.json"))) == 12
+    calls.clear()
+    again = reproduce._novas_runs(cfg, grid, tmp_path)
+    assert calls == [] and again == res
+    calls.clear()
+    reproduce._novas_runs(cfg, [1, 2, 10], tmp_path)  # another grid: the stored runs differ
+    assert len(calls) == 12
