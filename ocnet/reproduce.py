@@ -721,6 +721,13 @@ def _novas_runs(cfg: dict[str, Any], grid: list[int],
     else:
         store.mkdir(parents=True, exist_ok=True)
         runs = {}
+
+        def take(k: tuple[int, str, str]) -> dict[str, Any]:  # under k's lock
+            if (r := load_run(*k)) is None:  # not made yet, or its maker died
+                r = run_one(*k)
+                _atomic_write(path(*k), json.dumps(_jsonable(r)) + "\n")
+            return r
+
         for k in keys:  # first pass: take every run nobody holds
             if (r := load_run(*k)) is not None:
                 runs[k] = r
@@ -731,16 +738,13 @@ def _novas_runs(cfg: dict[str, Any], grid: list[int],
             except Timeout:
                 continue  # another process runs it
             try:
-                if (r := load_run(*k)) is None:
-                    r = run_one(*k)
-                    _atomic_write(path(*k), json.dumps(_jsonable(r)) + "\n")
-                runs[k] = r
+                runs[k] = take(k)
             finally:
                 lock.release()
         for k in keys:  # then wait for the runs other processes held
             if k not in runs:
                 with FileLock(str(path(*k)) + ".lock"):
-                    runs[k] = load_run(*k) or run_one(*k)
+                    runs[k] = take(k)
     return {p: {m: [runs[(s, p, m)] for s in range(cfg["seeds"])] for m in _NOVAS_METHODS}
             for p in cfg["protocols"]}
 

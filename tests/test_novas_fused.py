@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from test_novas import EnergyNet, double_well
 
 from ocnet.ocp.errors import ConfigError
 from ocnet.solvers import novas_fused
@@ -21,21 +21,6 @@ from ocnet.solvers.novas import NOVAS, _Consts, _step, novas
 pytest.importorskip("numba")
 
 F64 = torch.float64
-
-
-class EnergyNet(nn.Module):
-    def __init__(self, dx: int = 2, dy: int = 1, width: int = 16) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dx + dy, width), nn.Softplus(),
-                                 nn.Linear(width, width), nn.Softplus(), nn.Linear(width, 1))
-
-    def forward(self, x, Y):  # noqa: N803
-        xs = x[:, None, :].expand(-1, Y.shape[1], -1)
-        return self.net(torch.cat([xs, Y], dim=-1)).squeeze(-1) + 0.1 * (Y**2).sum(-1)
-
-
-def double_well(Y):  # noqa: N803
-    return ((Y**2 - 1) ** 2 + 0.3 * Y).sum(-1)
 
 
 def _both(fn):
@@ -84,7 +69,7 @@ def test_layer_output_and_parameter_gradient_agree(shape, tol):
     """Through the fused read-out iteration (its backward is a hand-written kernel): the
     gradient of a loss on the mean and on the spread."""
     torch.manual_seed(0)
-    net = EnergyNet().to(F64)
+    net = EnergyNet(dx=2, dy=1).to(F64)
     x = torch.randn(6, 2, dtype=F64)
 
     def run(fused):
@@ -144,3 +129,13 @@ def test_the_default_takes_the_kernel_on_cpu_and_can_be_turned_off(monkeypatch):
 def test_fused_true_where_it_cannot_run_says_why():
     with pytest.raises(ConfigError, match="float32 or float64 CPU search"):
         novas(double_well, torch.zeros(2, 1, dtype=torch.bfloat16), n_iter=2, fused=True)
+
+
+def test_host_view_is_a_view_of_cpu_tensors_only():
+    from ocnet.bridge import host_view
+
+    t = torch.zeros(3)
+    host_view(t)[1] = 2.0  # writes through: the kernels' outputs are the tensors
+    assert t.tolist() == [0.0, 2.0, 0.0]
+    with pytest.raises(ConfigError, match="CPU tensors"):
+        host_view(torch.empty(2, device="meta"))

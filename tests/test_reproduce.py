@@ -161,3 +161,20 @@ def test_novas_runs_are_kept_claimed_and_reused(tmp_path, monkeypatch):
     calls.clear()
     reproduce._novas_runs(cfg, [1, 2, 10], tmp_path)  # another grid: the stored runs differ
     assert len(calls) == 12
+    # a holder that dies without writing: the waiting process makes and stores the run
+    lost = tmp_path / "P200_NOVAS_0_7.json"
+    lost.unlink()
+    holding.clear()
+
+    def dying_process():
+        with FileLock(str(lost) + ".lock"):
+            holding.set()
+            time.sleep(0.3)
+
+    t = threading.Thread(target=dying_process)
+    t.start()
+    holding.wait()
+    calls.clear()
+    reproduce._novas_runs(cfg, [1, 2, 10], tmp_path)
+    t.join()
+    assert calls == [("P200", "NOVAS", 0)] and lost.exists()

@@ -12,7 +12,7 @@ from .derivatives import (
     unflatten_controls,
 )
 from .modules import LOSSES, ModuleStage, resolve_loss, to_problem
-from .placement import place, resolve_device, to_device
+from .placement import host_view, place, resolve_device, to_device
 
 __all__ = [
     "LOSSES",
@@ -21,6 +21,7 @@ __all__ = [
     "casadi_apply",
     "flatten_controls",
     "from_numpy",
+    "host_view",
     "objective_gradient",
     "objective_hessian",
     "place",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +23,17 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise ConfigError(f"device {device!r} was asked for but CUDA is not available on this "
                           "machine; use 'cpu' or 'auto'")
     return dev
+
+
+def host_view(t: Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor's storage (no copy, no graph; a contiguous copy only if
+    ``t`` is not contiguous), for CPU kernels that work on arrays (``ocnet.solvers.novas_fused``).
+    Writes through the view change the tensor. A tensor on another device is refused: moving
+    it would wait for the device, and the caller should have kept its tensor path."""
+    if t.device.type != "cpu":
+        raise ConfigError(f"host_view takes CPU tensors; this one is on {t.device}: keep the "
+                          "tensor path for device tensors (or move it with to_device first)")
+    return t.detach().contiguous().numpy()
 
 
 def _move_(t: Tensor, device: torch.device | None, dtype: torch.dtype | None) -> None:

@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..bridge.placement import host_view
+
 #: numba is a dependency; without it the search uses the tensor path. Imported at the
 #: first fused step, not with ocnet (it costs about half a second).
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -82,16 +84,12 @@ def _get(name: str):
     return _kernels[name]
 
 
-def _np(t: Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
-
-
 def sample(mu: Tensor, sigma: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     """``(X, dX) = (mu + sigma * eps, sigma * eps)`` in one pass (the rounding of the
     tensor path: one product and one sum in the inputs' dtype)."""
     X = torch.empty(eps.shape, dtype=mu.dtype)
     dX = torch.empty_like(X)
-    _get("sampler")(_np(mu), _np(sigma), _np(eps), X.numpy(), dX.numpy())
+    _get("sampler")(host_view(mu), host_view(sigma), host_view(eps), host_view(X), host_view(dX))
     return X, dX
 
 
@@ -109,24 +107,24 @@ def free_iterations(evaluate: Callable[[Tensor], Tensor], draw: Callable[[int], 
     active = torch.ones(B, dtype=torch.bool)
     count = torch.zeros(B, dtype=torch.long)
     # tol as the kernel's comparison in the search's dtype sees it (rounded to that dtype)
-    limit = -math.inf if tol is None else float(np.asarray(tol, dtype=_np(mu).dtype))
+    limit = -math.inf if tol is None else float(np.asarray(tol, dtype=host_view(mu).dtype))
     tiny = float(torch.finfo(mu.dtype).tiny)
     # the state lives in numpy views of CPU buffers, swapped between iterations: no tensor
     # is made per iteration but the samples handed to the energy
-    act, cnt = active.numpy(), count.numpy()
-    m, s = _np(mu).copy(), _np(sigma).copy()
+    act, cnt = host_view(active), host_view(count)
+    m, s = host_view(mu).copy(), host_view(sigma).copy()
     m_next, s_next = np.empty_like(m), np.empty_like(s)
     moved = np.empty(B, dtype=m.dtype)
     forward, sampler = _get("forward"), _get("sampler")
     it = 0
     while it < n_iter:
-        eps = _np(draw(it))
+        eps = host_view(draw(it))
         X = torch.empty(eps.shape, dtype=mu.dtype)  # noqa: N806  (fresh: the energy may keep it)
         dX = np.empty_like(eps)  # noqa: N806
-        sampler(m, s, eps, X.numpy(), dX)
-        n_active = forward(_np(evaluate(X)), dX, m, s, soft_ce, k, float(kappa), float(alpha),
-                           float(sharpness), float(var_floor), tiny, limit, act, cnt, m_next,
-                           s_next, moved)
+        sampler(m, s, eps, host_view(X), dX)
+        n_active = forward(host_view(evaluate(X)), dX, m, s, soft_ce, k, float(kappa),
+                           float(alpha), float(sharpness), float(var_floor), tiny, limit,
+                           act, cnt, m_next, s_next, moved)
         m, m_next, s, s_next = m_next, m, s_next, s
         it += 1
         if tol is not None and check_every and it % check_every == 0 and n_active == 0:
@@ -157,10 +155,12 @@ def _forward(E: Tensor, dX: Tensor, mu: Tensor, opts: tuple,
     sigma_out = torch.empty_like(mu_out)
     moved = torch.empty(B, dtype=mu.dtype)
     active = np.ones(B, dtype=np.bool_)
-    _get("forward")(_np(E), _np(dX), _np(mu), _np(mu), soft_ce, k, kappa, alpha, sharpness,
+    # all elements active: the spread's slot (kept by frozen elements only) is never read
+    _get("forward")(host_view(E), host_view(dX), host_view(mu), host_view(mu), soft_ce, k,
+                    kappa, alpha, sharpness,
                     var_floor, float(torch.finfo(mu.dtype).tiny), -math.inf, active,
-                    np.zeros(B, dtype=np.int64), mu_out.numpy(), sigma_out.numpy(),
-                    moved.numpy())
+                    np.zeros(B, dtype=np.int64), host_view(mu_out), host_view(sigma_out),
+                    host_view(moved))
     return mu_out, sigma_out, moved
 
 
@@ -182,8 +182,9 @@ class _Step(torch.autograd.Function):
         soft_ce, k, kappa, alpha, sharpness = ctx.opts
         g_E = torch.empty(E.shape, dtype=E.dtype)
         zero = torch.zeros(mu_out.shape, dtype=mu_out.dtype)
-        _get("backward")(_np(E), _np(dX), _np(mu), _np(mu_out), _np(sigma_out),
-                         _np(zero if g_mu is None else g_mu),
-                         _np(zero if g_sigma is None else g_sigma), soft_ce, k, kappa, alpha,
-                         sharpness, float(torch.finfo(E.dtype).tiny), g_E.numpy())
+        _get("backward")(host_view(E), host_view(dX), host_view(mu), host_view(mu_out),
+                         host_view(sigma_out),
+                         host_view(zero if g_mu is None else g_mu),
+                         host_view(zero if g_sigma is None else g_sigma), soft_ce, k, kappa, alpha,
+                         sharpness, float(torch.finfo(E.dtype).tiny), host_view(g_E))
         return g_E, None, None, None, None
