@@ -31,7 +31,7 @@ from torch import nn  # noqa: E402
 
 from ocnet import data  # noqa: E402
 from ocnet.bridge import to_problem  # noqa: E402
-from ocnet.models import ResidualBlock  # noqa: E402
+from ocnet.models import emsa_toy_problem  # noqa: E402
 from ocnet.solvers import gradient as _gradient  # noqa: E402, F401  (registers sgd, adam)
 from ocnet.solvers import msa as _msa  # noqa: E402, F401  (registers msa, emsa)
 from ocnet.solvers.base import make_solver  # noqa: E402
@@ -51,36 +51,18 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------- (a) toy problem
-class Repeat(nn.Module):
-    """x (B, 1) -> (B, width): the reference code feeds x repeated to every node."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.width = width
-
-    def forward(self, x):
-        return x.repeat(1, self.width)
-
-
-class SumFeatures(nn.Module):
-    """The reference code's output: the sum of the final state's features."""
-
-    def forward(self, x):
-        return x.sum(-1, keepdim=True)
-
-
 def toy_problem(seed: int, init_std: float = 0.1):
+    """The public toy's problem (``ocnet.models.emsa_toy_problem``: the 20 layers are the
+    stages, x repeated over the 5 nodes, the loss sums the features) with W ~ N(0, init_std^2)."""
     torch.manual_seed(seed)
-    net = nn.Sequential(Repeat(5), *[ResidualBlock(5, 0.25, "tanh") for _ in range(20)],
-                        SumFeatures())
-    for m in net.modules():
+    problem = emsa_toy_problem(1e-3)
+    for m in problem.module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=init_std)
             nn.init.zeros_(m.bias)
-    problem = to_problem(net, "mse", weight_decay=1e-3)
     g = torch.Generator().manual_seed(1000 + seed)
     x = (torch.rand(100, 1, generator=g) * 2 - 1) * math.pi
-    return problem, x, torch.sin(x)
+    return problem, x.repeat(1, 5), torch.sin(x)
 
 
 TOY_SOLVERS = {

@@ -57,7 +57,9 @@ Protocol (config.yml ``toy``; both sides single-threaded: ``tf.ConfigProto`` int
 
 - data: ``main_toy.generate_datasets`` (``np.random.seed(1)``, 100 train points
   ``x ~ U(-pi, pi)``, then 100 test points, x repeated over the 5 nodes, y = sin x); ocnet:
-  ``ocnet.reproduce._emsa_toy()`` (``RandomState(1)``, the same first draw; checked);
+  ``ocnet.reproduce._emsa_toy()`` (``RandomState(1)``, the same first draw; checked; x
+  repeated over the nodes in the data and the features summed in the loss, as here, so
+  that ocnet's 20 stages are the public code's 20 layers);
 - net: 20 ``layers.ResidualDense`` (5 units, ``x + 0.25 tanh(x W + b)``, kernel
   ``truncated_normal(stddev=0)`` = 0, bias 0), built with the public classes as in
   ``main_toy.run_toy``; output = the sum of the 5 nodes, ``tf.losses.mean_squared_error``;
@@ -73,7 +75,7 @@ Protocol (config.yml ``toy``; both sides single-threaded: ``tf.ConfigProto`` int
 - recorded after every iteration: J = MSE + 1e-3/2 |u|^2 (the public ``Trainer.
   _compute_loss`` returns this J, not the MSE: ``self.loss = msa_terminal_loss + sum of
   msa_regularizer``; ocnet's ``problem.objective`` is the same J), the MSE alone (public:
-  ``network.msa_terminal_loss``; ocnet: ``F.mse_loss(problem.module(x), y)``), and the
+  ``network.msa_terminal_loss``; ocnet: the MSE of ``problem.module(x).sum(-1)``), and the
   node asymmetry ``max over layers of max |W - mean W|`` (and the same for the biases):
   with x repeated over the nodes and an all-zero init every node is identical, so all
   entries of a layer's W are equal (and of b) and stay so under any deterministic
@@ -334,9 +336,9 @@ def ocnet_arm(kind: str, iters: int, float64: bool = False) -> dict[str, Any]:
     net = problem.module
     if float64:
         net.double()  # in place: the problem's controls are these same Parameters
-        x = torch.tensor(np.random.RandomState(1).uniform(-math.pi, math.pi, size=(100, 1)),
-                         dtype=torch.float64)
-        y = torch.sin(x)
+        x1 = torch.tensor(np.random.RandomState(1).uniform(-math.pi, math.pi, size=(100, 1)),
+                          dtype=torch.float64)
+        x, y = x1.repeat(1, 5), torch.sin(x1)  # as _emsa_toy: x repeated over the nodes
     opts: dict[str, Any] = {
         "emsa": {"rho": 1.0, "scaling": "reference", "inner_iters": 10},
         "emsa-paper": {"preset": "paper"},
@@ -350,7 +352,7 @@ def ocnet_arm(kind: str, iters: int, float64: bool = False) -> dict[str, Any]:
     def record() -> None:
         with torch.no_grad():
             rec["J"].append(float(problem.objective(x, y)))
-            rec["mse"].append(float(F.mse_loss(net(x), y)))
+            rec["mse"].append(float(F.mse_loss(net(x).sum(-1, keepdim=True), y)))
             rec["asym_w"].append(max(float((b.weight - b.weight.mean()).abs().max())
                                      for b in blocks))
             rec["asym_b"].append(max(float((b.bias - b.bias.mean()).abs().max())

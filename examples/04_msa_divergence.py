@@ -28,9 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ocnet.bridge import to_problem  # noqa: E402
 from ocnet.dynamics import LinearQuadratic  # noqa: E402
-from ocnet.models import ResidualBlock  # noqa: E402
+from ocnet.models import emsa_toy_problem  # noqa: E402
 from ocnet.ocp import Problem  # noqa: E402
 from ocnet.solvers.msa import EMSA, MSA  # noqa: E402
 
@@ -54,27 +53,18 @@ def lq_problem(seed: int = 0):
     return problem, x0, torch.randn(6, n, generator=g, dtype=dt)
 
 
-class Repeat(nn.Module):
-    def forward(self, x):
-        return x.repeat(1, 5)
-
-
-class SumFeatures(nn.Module):
-    def forward(self, x):
-        return x.sum(-1, keepdim=True)
-
-
 def toy_problem(seed: int = 0):
+    """The public toy (ocnet.models.emsa_toy_problem: its 20 layers are the stages; x is
+    repeated over the 5 nodes and the loss sums them) with W ~ N(0, 0.1^2)."""
     torch.manual_seed(seed)
-    net = nn.Sequential(Repeat(), *[ResidualBlock(5, 0.25, "tanh") for _ in range(20)],
-                        SumFeatures())
-    for mod in net.modules():
+    problem = emsa_toy_problem(1e-3)
+    for mod in problem.module.modules():
         if isinstance(mod, nn.Linear):
             nn.init.normal_(mod.weight, std=0.1)
             nn.init.zeros_(mod.bias)
     g = torch.Generator().manual_seed(1000 + seed)
     x = (torch.rand(100, 1, generator=g) * 2 - 1) * math.pi
-    return to_problem(net, "mse", weight_decay=1e-3), x, torch.sin(x)
+    return problem, x.repeat(1, 5), torch.sin(x)
 
 
 def history(make, solver_factory, iters: int) -> list[float]:

@@ -6,13 +6,16 @@ a control system; ``ResidualBlock`` is x + h act(W x + b), one explicit-Euler st
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
+from .bridge import to_problem
 from .dynamics.activations import ACTIVATION_MODULES
 from .dynamics.blocks import PadFeatures, ResidualBlock
 from .ocp.errors import ConfigError, unknown_name
+from .ocp.problem import Problem
 
-__all__ = ["MODELS", "PadFeatures", "ResidualBlock", "build_model"]
+__all__ = ["MODELS", "PadFeatures", "ResidualBlock", "build_model", "emsa_toy_problem",
+           "feature_sum_mse"]
 
 MODELS = ("cnn", "mlp", "resnet")
 
@@ -79,3 +82,30 @@ def build_model(name: str, n_features: int, n_outputs: int, *,
             nn.Linear(64, n_outputs),
         )
     raise unknown_name("model", name, MODELS)
+
+
+def feature_sum_mse(out: Tensor, target: Tensor) -> Tensor:
+    """The MSE of the output features' sum: the loss of the E-MSA public toy
+    (LiQianxiao/MaxPrinciple-DeepLearning, ``main_toy.py`` ``loss_func``)."""
+    return ((out.sum(-1, keepdim=True) - target) ** 2).mean()
+
+
+def emsa_toy_problem(weight_decay: float = 1e-3, *, width: int = 5, depth: int = 20,
+                     h: float = 0.25) -> Problem:
+    """The E-MSA public toy as a control problem, with the public code's layers as stages.
+
+    ``depth`` residual layers x + h tanh(W x + b) of ``width`` nodes, all weights zero
+    (the public ``config.yml`` 'toy'; set others through ``problem.module``), loss
+    :func:`feature_sum_mse`, running cost ``weight_decay``/2 |u|^2. The input is x
+    *repeated* over the nodes, ``x.repeat(1, width)``, as the public code's data are.
+
+    Why the repeat and the sum are not layers: ``to_problem`` folds a parameter-free layer
+    into the stage before it (or after it, at the start), and E-MSA penalises each stage's
+    own state and costate. A repeat folded into the first stage and a sum folded into the
+    last would make those penalties act on 1-entry sums instead of the public code's
+    5-entry states, a different method on those two layers (J after one step from zero:
+    0.529 against the public 0.430; docs/reproductions.md, emsa-toy)."""
+    net = nn.Sequential(*[ResidualBlock(width, h, "tanh") for _ in range(depth)])
+    for p in net.parameters():
+        nn.init.zeros_(p)
+    return to_problem(net, feature_sum_mse, weight_decay=weight_decay)

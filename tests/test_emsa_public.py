@@ -74,3 +74,8 @@ def test_quick_runs_both_sides_on_the_same_problem(tmp_path):
     # the symmetric state: without noise the nodes stay equal to rounding; with it they split
     assert curves[pub[1]]["asym_w"][1] < 1e-6 and curves[oc[0]]["asym_w"][1] < 1e-6
     assert curves[pub[0]]["asym_w"][1] > 1e-4 and curves[oc[1]]["asym_w"][1] > 1e-4
+    # the same method on the same layers: one noise-free step from zero gives the same J
+    # (ocnet in float64 against the public float32 code; 0.529 against 0.430 when the
+    # toy's repeat and sum were folded into ocnet's first and last stages)
+    f64 = next(k for k in oc if "float64" in k)
+    assert abs(curves[f64]["J"][1] / curves[pub[1]]["J"][1] - 1) < 2e-3

@@ -178,3 +178,28 @@ def test_novas_runs_are_kept_claimed_and_reused(tmp_path, monkeypatch):
     reproduce._novas_runs(cfg, [1, 2, 10], tmp_path)
     t.join()
     assert calls == [("P200", "NOVAS", 0)] and lost.exists()
+
+
+def test_emsa_toy_has_the_public_layers_and_first_step():
+    """The toy's 20 stages are the public code's 20 layers (x repeated in the data, the
+    features summed in the loss), so E-MSA's penalties see 5-entry states and costates at
+    every layer. One E-MSA step from the zero init in float64 then gives the public code's
+    J after its first iteration without noise (0.4301, benchmarks/results/emsa_public.json;
+    the same by scipy's L-BFGS-B on the public per-layer objective: 0.4302). With the
+    repeat folded into the first stage and the sum into the last it was 0.529."""
+    import torch
+
+    from ocnet.reproduce import _emsa_toy
+    from ocnet.solvers import make_solver
+
+    torch.manual_seed(0)
+    problem, x, y = _emsa_toy(dtype=torch.float64)
+    assert x.shape == (100, 5) and y.shape == (100, 1)
+    assert len(problem.stages) == 20
+    with torch.no_grad():
+        assert all(s.shape == (100, 5) for s in problem.rollout(x).xs)
+    solver = make_solver("emsa", problem, rho=1.0, scaling="reference", inner_iters=10)
+    solver.step(x, y)
+    with torch.no_grad():
+        j1 = float(problem.objective(x, y))
+    assert j1 == pytest.approx(0.4301, abs=1e-3)
