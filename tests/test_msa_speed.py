@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ocnet.bridge import to_problem
+from ocnet.bridge.modules import ModuleStage
 from ocnet.models import ResidualBlock, build_model
 from ocnet.solvers.msa import EMSA, _Frozen
 
@@ -239,13 +240,16 @@ def _nets() -> dict[str, nn.Sequential]:
     }
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.05])
 @pytest.mark.parametrize("name", ["mlp", "relu", "residual", "fixed bias"])
 @pytest.mark.parametrize("rho, scaling", [(0.0, "mean"), (2.0, "mean"), (2.0, "reference")])
-def test_closed_form_evaluation_equals_autograd(name, rho, scaling):
+def test_closed_form_evaluation_equals_autograd(name, rho, scaling, decay):
     """The closed-form Htilde and gradient of dense layers equal the autograd evaluation
-    (float64), away from the frozen iterate (where both penalties are non-zero)."""
+    (float64), away from the frozen iterate (where both penalties are non-zero), with and
+    without to_problem's weight decay as the layers' running cost."""
     net = _nets()[name]
-    solver = EMSA(to_problem(net, "cross_entropy"), rho=rho, scaling=scaling)
+    solver = EMSA(to_problem(net, "cross_entropy", weight_decay=decay), rho=rho,
+                  scaling=scaling)
     assert solver.closed_form is not None
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(7, 6, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
@@ -302,9 +306,18 @@ def test_closed_form_steps_equal_autograd_steps(name):
 
 
 def test_closed_form_covers_only_what_it_describes():
-    """A running cost, a coupling or a layer it does not know: the autograd evaluation."""
+    """A running cost other than to_problem's weight decay, a coupling or a layer it does not
+    know: the autograd evaluation."""
     net = build_model("mlp", 6, 3, width=8, depth=2).to(DT)
-    assert EMSA(to_problem(net, "cross_entropy", weight_decay=1e-3)).closed_form is None
+    assert EMSA(to_problem(net, "cross_entropy", weight_decay=1e-3)).closed_form is not None
+
+    class StateCost(ModuleStage):  # a running cost with a state term: not covered
+        def cost(self, x, u):
+            return (x * x).sum(-1).mean()
+
+    prob = to_problem(net, "cross_entropy", weight_decay=1e-3)
+    prob.stages[0].__class__ = StateCost
+    assert EMSA(prob).closed_form is None
     gelu = build_model("mlp", 6, 3, width=8, depth=2, activation="gelu").to(DT)
     assert EMSA(to_problem(gelu, "cross_entropy")).closed_form is None
     cnn = build_model("cnn", 64, 10, image_shape=(1, 8, 8)).to(DT)

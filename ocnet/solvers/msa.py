@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..bridge.modules import ModuleStage
 from ..dynamics.activations import ACTIVATION_MODULES, ACTIVATIONS
 from ..ocp.errors import CapabilityError, ConfigError, unknown_name
 from ..ocp.problem import Problem
@@ -291,6 +292,7 @@ class _DenseSpec:
     bias: bool      # b is a control (else the fixed bias, or none)
     act: str        # one of CLOSED_FORM_ACTIVATIONS
     step: float | None
+    decay: float = 0.0  # the stage's running cost decay/2 |u|^2 (to_problem's weight decay)
 
     @property
     def size(self) -> int:
@@ -324,8 +326,12 @@ class _DenseFrozen:
 def _dense_spec(problem: Problem, t: int) -> _DenseSpec | None:
     """Stage t as a dense layer the closed form covers (None: it does not)."""
     stage = problem.stages[t]
+    decay = 0.0
     if stage.has_cost:
-        return None
+        # only to_problem's weight decay, l = wd/2 |u|^2 (no state term): phi += l, grad += wd u
+        if not (isinstance(stage, ModuleStage) and type(stage).cost is ModuleStage.cost):
+            return None
+        decay = stage.weight_decay
     try:
         aff = problem.affine(t, needed_by="E-MSA's closed-form evaluation")
     except CapabilityError:
@@ -355,7 +361,7 @@ def _dense_spec(problem: Problem, t: int) -> _DenseSpec | None:
     if step is not None and w.shape[0] != w.shape[1]:
         return None
     return _DenseSpec(int(w.shape[0]), int(w.shape[1]), bool(aff.has_bias), act,
-                      None if step is None else float(step))
+                      None if step is None else float(step), decay)
 
 
 def _vdot(a: Tensor, b: Tensor, tmp: Tensor | None = None) -> Tensor:
@@ -372,11 +378,14 @@ class _DenseClosedForm:
     For x+ = c x + h act(z), z = x W^T + b (c = 1, h = step: residual; c = 0, h = 1: plain),
     with y = act(z), s1 = act'(z), s2 = act''(z), delta = h p_{t+1} s1 (rows of the batch):
 
-        H = c p_{t+1}.x + h p_{t+1}.y,   dH/dx = c p_{t+1} + delta W,
+        H = c p_{t+1}.x + h p_{t+1}.y - l,   dH/dx = c p_{t+1} + delta W,
         dx = x+ - x_{t+1},  r = p_t - dH/dx,   phi = -H + wx |dx|^2 + wp |r|^2,
         dphi/dz = h s1 (2 wx dx - p_{t+1}) + 4 wp h p_{t+1} y s1 (r W^T)   (tanh: s2 = -2 y s1;
                   identity, relu: s2 = 0, no second term),
-        dphi/dW = (dphi/dz)^T x - 2 wp delta^T r,   dphi/db = sum over the batch of dphi/dz.
+        dphi/dW = (dphi/dz)^T x - 2 wp delta^T r,   dphi/db = sum over the batch of dphi/dz,
+
+    where l = wd/2 |u|^2 is the stage's running cost if it has one (``to_problem``'s weight
+    decay, the only cost covered; it adds wd u to the gradient).
 
     Five products per layer (z = x W^T, delta W, r W^T, and the weight gradient as one bmm
     and one baddbmm): the matrix products of the autograd evaluation's forward pass,
@@ -497,6 +506,8 @@ class _DenseClosedForm:
                 r = torch.baddbmm(c.PinC, dn, W, out=buf["r"])  # p_t - dH/dx
                 phi = phi.add_(_vdot(dx, dx, buf["tmp"]), alpha=wx).add_(
                     _vdot(r, r, buf["tmp_in"]), alpha=wp)
+            if sp.decay:  # the running cost decay/2 |u_t|^2 of every layer in the group
+                phi = phi.add_(torch.linalg.vecdot(zg, zg), alpha=0.5 * sp.decay)
             phis.append(phi)
             if grad is None:
                 continue
@@ -525,6 +536,8 @@ class _DenseClosedForm:
                 gw.baddbmm_(dn.transpose(1, 2), r, alpha=2.0 * wp)
             if sp.bias:
                 torch.sum(gz, 1, out=gg[:, mn:])
+            if sp.decay:
+                gg.add_(zg, alpha=sp.decay)
         return (phis[0] if len(phis) == 1 else torch.cat(phis)), grad
 
 
