@@ -75,7 +75,7 @@ Protocol (config.yml ``toy``; both sides single-threaded: ``tf.ConfigProto`` int
 - recorded after every iteration: J = MSE + 1e-3/2 |u|^2 (the public ``Trainer.
   _compute_loss`` returns this J, not the MSE: ``self.loss = msa_terminal_loss + sum of
   msa_regularizer``; ocnet's ``problem.objective`` is the same J), the MSE alone (public:
-  ``network.msa_terminal_loss``; ocnet: the MSE of ``problem.module(x).sum(-1)``), and the
+  ``network.msa_terminal_loss``; ocnet: ``ocnet.models.feature_sum_mse``), and the
   node asymmetry ``max over layers of max |W - mean W|`` (and the same for the biases):
   with x repeated over the nodes and an all-zero init every node is identical, so all
   entries of a layer's W are equal (and of b) and stay so under any deterministic
@@ -327,8 +327,8 @@ def ocnet_arm(kind: str, iters: int, float64: bool = False) -> dict[str, Any]:
     """One ocnet arm on the toy of ``ocnet.reproduce._emsa_toy`` from the all-zero init."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
+    from ocnet.models import feature_sum_mse
     from ocnet.reproduce import _emsa_toy
     from ocnet.solvers import make_solver
 
@@ -352,7 +352,7 @@ def ocnet_arm(kind: str, iters: int, float64: bool = False) -> dict[str, Any]:
     def record() -> None:
         with torch.no_grad():
             rec["J"].append(float(problem.objective(x, y)))
-            rec["mse"].append(float(F.mse_loss(net(x).sum(-1, keepdim=True), y)))
+            rec["mse"].append(float(feature_sum_mse(net(x), y)))
             rec["asym_w"].append(max(float((b.weight - b.weight.mean()).abs().max())
                                      for b in blocks))
             rec["asym_b"].append(max(float((b.bias - b.bias.mean()).abs().max())
