@@ -90,6 +90,9 @@ Usage::
 
     .venv/bin/python benchmarks/emsa_public.py                 # 500 iterations (minutes)
     .venv/bin/python benchmarks/emsa_public.py --quick         # 3 iterations (seconds)
+    .venv/bin/python benchmarks/emsa_public.py --seeds 5       # seeds 1-5 (half an hour)
+    .venv/bin/python benchmarks/emsa_public.py --seeds 5 --public-json \
+        benchmarks/results/emsa_public_seeds.json              # ocnet's side again
 """
 
 from __future__ import annotations
@@ -293,8 +296,10 @@ def _public_arm(tf: Any, mods: dict[str, Any], cfg: dict[str, Any], kind: str,
     return rec
 
 
-def public_worker(public: Path, iters: int, out: Path) -> None:
-    """Run the public arms (in the TF python) and write their records to ``out`` (JSON)."""
+def public_worker(public: Path, iters: int, out: Path, seeds: list[int] | None = None) -> None:
+    """Run the public arms (in the TF python) and write their records to ``out`` (JSON).
+    With ``seeds``: only the public MSA in its own configuration, once per seed (config.yml's
+    ``seed``, which seeds the data, TensorFlow and the numpy noise of the perturbed start)."""
     t0 = time.perf_counter()
     tf = _tf_compat()
     mods = _import_public(public, tf)
@@ -304,6 +309,17 @@ def public_worker(public: Path, iters: int, out: Path) -> None:
 
     with open(public / "config.yml") as f:
         cfg = yaml.safe_load(f)["toy"]
+    if seeds:
+        runs = {}
+        for s in seeds:
+            c = dict(cfg, seed=s)
+            runs[str(s)] = _public_arm(tf, mods, c, "msa", c["msa_perturb_init"], iters)
+            runs[str(s)]["x_train"] = mods["main_toy"].generate_datasets(c)[0].data[:, 0].tolist()
+            print(f"[public] seed {s}: J {runs[str(s)]['J'][-1]:.4g}", file=sys.stderr,
+                  flush=True)
+        out.write_text(json.dumps({"config": cfg, "runs": runs,
+                                   "seconds": time.perf_counter() - t0}))
+        return
     trainset, _ = mods["main_toy"].generate_datasets(cfg)
     arms = {
         f"public MSA (perturb_init {cfg['msa_perturb_init']})": ("msa", cfg["msa_perturb_init"]),
@@ -323,25 +339,23 @@ def public_worker(public: Path, iters: int, out: Path) -> None:
 
 
 # ================================================================ ocnet side (this python)
-def ocnet_arm(kind: str, iters: int, float64: bool = False) -> dict[str, Any]:
-    """One ocnet arm on the toy of ``ocnet.reproduce._emsa_toy`` from the all-zero init."""
-    import numpy as np
+def ocnet_arm(kind: str, iters: int, float64: bool = False, seed: int = 1,
+              inner_iters: int = 10, budget: str = "evaluations") -> dict[str, Any]:
+    """One ocnet arm on the toy of ``ocnet.reproduce._emsa_toy`` (data of numpy ``seed``)
+    from the all-zero init; ``inner_iters`` is the plain E-MSA arm's inner budget."""
     import torch
 
     from ocnet.models import feature_sum_mse
     from ocnet.reproduce import _emsa_toy
     from ocnet.solvers import make_solver
 
-    problem, x, y = _emsa_toy()
+    problem, x, y = _emsa_toy(dtype=torch.float64 if float64 else torch.float32, seed=seed)
     net = problem.module
-    if float64:
-        net.double()  # in place: the problem's controls are these same Parameters
-        x1 = torch.tensor(np.random.RandomState(1).uniform(-math.pi, math.pi, size=(100, 1)),
-                          dtype=torch.float64)
-        x, y = x1.repeat(1, 5), torch.sin(x1)  # as _emsa_toy: x repeated over the nodes
     opts: dict[str, Any] = {
-        "emsa": {"rho": 1.0, "scaling": "reference", "inner_iters": 10},
-        "emsa-paper": {"preset": "paper"},
+        "emsa": {"rho": 1.0, "scaling": "reference", "inner_iters": inner_iters,
+                 "inner_budget": budget},
+        # the public noise changes with the config seed; ocnet's with perturb_seed
+        "emsa-paper": {"preset": "paper", "perturb_seed": seed - 1},
         "adam": {"lr": 0.005},
     }[kind]
     solver = make_solver("adam" if kind == "adam" else "emsa", problem, **opts)
@@ -500,6 +514,120 @@ def figure(arms: dict[str, dict[str, Any]], path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
+SWEEP_INNER = (10, 15, 20)
+
+
+def seed_sweep(args: argparse.Namespace, public: Path, iters: int, env: dict[str, str],
+               t0: float, load0: float) -> dict[str, Any]:
+    """Seeds 1..N: the public MSA (its configuration, noise included) against ocnet's E-MSA
+    from the all-zero init without noise at the inner budgets ``SWEEP_INNER`` (evaluations;
+    the public code's 10 L-BFGS-B iterations take a median of 13.5-15 evaluations per
+    layer, benchmarks/results/emsa_public.md), with 10 iterations (``inner_budget=
+    "iterations"``: the public configuration without its noise), its paper preset
+    (``perturb_seed`` = seed - 1: a noise realisation per seed, as the public code has) and
+    Adam, on the same data."""
+    import torch
+
+    from ocnet._atomic import atomic_write
+
+    seeds = list(range(1, args.seeds + 1))
+    if args.public_json:  # the public side of an earlier sweep (it is deterministic)
+        pub = json.loads(Path(args.public_json).read_text())
+        pub = pub.get("public", pub)
+        have = sorted(int(s) for s in pub.get("runs", {}))
+        if any(s not in have for s in seeds) or any(
+                len(pub["runs"][str(s)]["J"]) != iters + 1 for s in seeds):
+            sys.exit(f"emsa_public.py: {args.public_json} holds the public runs of seeds "
+                     f"{have}, not {iters} iterations of seeds {seeds}: rerun without "
+                     f"--public-json")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            jpath = Path(tmp) / "public.json"
+            proc = subprocess.run([args.tf_python, str(Path(__file__).resolve()), "--public",
+                                   str(public), "--iterations", str(iters), "--_public-worker",
+                                   str(jpath), "--_seed-list", ",".join(map(str, seeds))],
+                                  env=env, cwd=tmp, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"emsa_public.py: the public side failed (rc {proc.returncode}):\n"
+                         f"{proc.stderr[-4000:]}")
+            pub = json.loads(jpath.read_text())
+    t_pub = time.perf_counter() - t0
+    pub_label = f"public MSA (perturb_init {pub['config']['msa_perturb_init']})"
+    labels = {f"ocnet E-MSA zero init, {n} inner evals": ("emsa", n, "evaluations")
+              for n in SWEEP_INNER}
+    labels["ocnet E-MSA zero init, 10 inner iterations (the preset without noise)"] = (
+        "emsa", 10, "iterations")
+    labels['ocnet E-MSA preset="paper" (perturb_seed = seed - 1)'] = ("emsa-paper", 10, "")
+    labels["ocnet Adam (lr 0.005)"] = ("adam", 10, "")
+    runs: dict[str, dict[str, Any]] = {pub_label: pub["runs"]}
+    for label, (kind, n, budget) in labels.items():
+        runs[label] = {}
+        for s in seeds:
+            runs[label][str(s)] = ocnet_arm(kind, iters, seed=s, inner_iters=n, budget=budget)
+            print(f"[ocnet] {label} seed {s}: J {runs[label][str(s)]['J'][-1]:.4g}",
+                  file=sys.stderr, flush=True)
+    from ocnet.reproduce import _emsa_toy
+
+    dx = max((max(abs(a - b) for a, b in zip(pub["runs"][str(s)]["x_train"],
+                                             _emsa_toy(seed=s)[1][:, 0].tolist(), strict=True))
+              for s in seeds if "x_train" in pub["runs"][str(s)]), default=None)
+    marks = sorted({k for k in MARKS if k <= iters} | {iters})
+    lines = [f"## ocnet E-MSA vs the public E-MSA code on its toy, seeds "
+             f"{seeds[0]}..{seeds[-1]} ({iters} iterations)", "",
+             f"Seed s = config.yml's `seed` (the data, TF's seed and the numpy noise of the "
+             f"public perturbed start); ocnet draws the same data (max |x_public - x_ocnet| "
+             f"over all seeds {'not in the reused JSON' if dx is None else f'{dx:.1e}'}). "
+             f"ocnet's E-MSA arms start from all zeros with no "
+             f"noise (rho 1, reference scaling); 'inner evals' counts evaluations (all layers at "
+             f"once; the public 10 L-BFGS-B iterations take 13.5-15 evaluations per layer), "
+             f"'inner iterations' accepted steps per layer with scipy's stops "
+             f"(`inner_budget=\"iterations\"`, as the paper preset). Public side "
+             + ((f"reused from {args.public_json} (" + (pub["note"] if pub.get("note")
+                                                          else f"its {pub['seconds']:.0f} s")
+                 + ")") if args.public_json else f"{t_pub:.0f} s")
+             + f", all {time.perf_counter() - t0:.0f} s; load {load0:.2f} at the "
+             f"start, {os.getloadavg()[0]:.2f} at the end (on {os.cpu_count()} CPUs); torch "
+             f"{torch.__version__}, 1 thread each.", "",
+             "### J after iteration k, per seed", "",
+             "| arm | seed | " + " | ".join(f"k={k}" for k in marks) + " | max J, k >= 5 |",
+             "|---|---|" + "---|" * (len(marks) + 1)]
+    for label, per in runs.items():
+        for s in seeds:
+            r = per[str(s)]
+            lines.append(f"| {label} | {s} | " + " | ".join(_g(_at(r['J'], k)) for k in marks)
+                         + f" | {_g(max(r['J'][5:], default=math.nan))} |")
+    med = {label: {k: statistics.median(_at(per[str(s)]["J"], k) for s in seeds)
+                   for k in marks} for label, per in runs.items()}
+    wins = {label: {k: sum(1 for s in seeds if _at(per[str(s)]["J"], k)
+                           <= _at(pub["runs"][str(s)]["J"], k)) for k in marks}
+            for label, per in runs.items() if label != pub_label}
+    sec = {label: statistics.median(_med(per[str(s)]["cpu"]) for s in seeds)
+           for label, per in runs.items()}
+    adam = sec["ocnet Adam (lr 0.005)"]
+    lines += ["", f"### Median over the {len(seeds)} seeds, seeds at or below the public code "
+                  "(same seed), CPU seconds per step", "",
+              "| arm | " + " | ".join(f"median J k={k}" for k in marks)
+              + " | seeds <= public at " + "/".join(map(str, marks))
+              + " | CPU s/step | / ocnet Adam |", "|---|" + "---|" * (len(marks) + 3)]
+    for label in runs:
+        w = "/".join(str(wins[label][k]) for k in marks) if label in wins else "-"
+        lines.append(f"| {label} | " + " | ".join(_g(med[label][k]) for k in marks)
+                     + f" | {w} | {sec[label]:.4g} | {sec[label] / adam:.3g} |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    out = Path(args.out or ("runs/bench/emsa_public_seeds_quick.md" if args.quick
+                            else ROOT / "benchmarks" / "results" / "emsa_public_seeds.md"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, text + "\n")
+    record = {"iterations": iters, "seeds": seeds, "public_config": pub["config"],
+              "median_J": med, "seeds_at_or_below_public": wins, "cpu_s_per_step": sec,
+              "curves": {label: {s: r["J"] for s, r in per.items()}
+                         for label, per in runs.items()},
+              "public": pub}  # whole, so that --public-json can reuse it
+    atomic_write(out.with_suffix(".json"), json.dumps(record, indent=1))
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the options; run the public side in the TF python, ocnet here; write the report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -512,12 +640,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=None, help="markdown report (a .json is written beside)")
     ap.add_argument("--figure", default=None)
     ap.add_argument("--_public-worker", dest="worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="the seed sweep: seeds 1..N (config.yml's seed: data, TF, noise), "
+                         "the public MSA in its configuration against ocnet's E-MSA from "
+                         f"zero at inner budgets {'/'.join(map(str, SWEEP_INNER))} and its "
+                         "paper preset; writes emsa_public_seeds.md/.json")
+    ap.add_argument("--public-json", default=None,
+                    help="with --seeds: take the public runs from this JSON (an earlier "
+                         "sweep's output, or its worker's) instead of running TensorFlow")
+    ap.add_argument("--_seed-list", dest="seed_list", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     iters = args.iterations or (3 if args.quick else 500)
     public = Path(args.public)
     if args.worker:
-        public_worker(public, iters, Path(args.worker))
+        seeds = [int(v) for v in args.seed_list.split(",")] if args.seed_list else None
+        public_worker(public, iters, Path(args.worker), seeds)
         return {}
+    if args.seeds is not None and args.seeds < 1:
+        sys.exit(f"emsa_public.py: --seeds must be >= 1, got {args.seeds}")
     missing = [f for f in PUBLIC_FILES if not (public / f).is_file()]
     if missing:
         sys.exit(f"emsa_public.py: the public code is not at {public} (missing "
@@ -539,6 +679,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TF_USE_LEGACY_KERAS="1",
                TF_CPP_MIN_LOG_LEVEL="2", PYTHONHASHSEED="0")
     env.pop("PYTHONPATH", None)
+    if args.seeds:
+        return seed_sweep(args, public, iters, env, t0, load0)
     with tempfile.TemporaryDirectory() as tmp:
         jpath = Path(tmp) / "public.json"
         proc = subprocess.run([args.tf_python, str(Path(__file__).resolve()), "--public",

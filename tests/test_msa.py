@@ -320,3 +320,98 @@ def test_state_dict_round_trip():
     s2 = EMSA(prob, rho=GeometricRho(4.0, 0.5), inner_iters=2)
     s2.load_state_dict(s.state_dict())
     assert s2.steps == 3 and s2.rho() == s.rho() == 0.5
+
+
+# ---------------------------------------------------------------------------- inner budget
+def test_iteration_budget_counts_accepted_steps_not_evaluations():
+    """One layer, gradient ascent with a step too large to be accepted at once: k accepted
+    steps take more than k evaluations, and stop exactly where the evaluation budget of
+    that many evaluations stops (the same trials, counted differently)."""
+    k = 3
+    prob, x0, y = lq_problem(seed=2, T=1)
+    ref, _, _ = lq_problem(seed=2, T=1)
+    by_steps = EMSA(prob, rho=1.0, inner="gd", lr=50.0, inner_iters=k,
+                    inner_budget="iterations")
+    info = by_steps.step(x0, y)
+    used = info.extra["evaluations"]
+    assert info.extra["inner_steps"].tolist() == [k]
+    assert used > k, "every trial was accepted: the case cannot tell the two budgets apart"
+    by_evals = EMSA(ref, rho=1.0, inner="gd", lr=50.0, inner_iters=used)
+    by_evals.step(x0, y)
+    for a, b in zip(prob.controls, ref.controls, strict=True):
+        for u, v in zip(a, b, strict=True):
+            assert torch.equal(u, v)
+
+
+def test_iteration_budget_per_layer_bounds_and_cap():
+    prob, x, y = tanh_problem(seed=3)
+    s = EMSA(prob, rho=0.5, inner_iters=4, inner_budget="iterations", inner_max_evals=9)
+    for _ in range(3):
+        info = s.step(x, y)
+        steps = info.extra["inner_steps"]
+        assert steps.shape == (s.layout.L,) and int(steps.max()) <= 4
+        assert 4 <= info.extra["evaluations"] <= 9
+    assert "inner_steps" not in EMSA(prob, rho=0.5).step(x, y).extra
+
+
+def test_iteration_budget_leaves_a_stationary_layer_alone():
+    """scipy's gradient stop: at a fixed point (|dJ/du| < 1e-5 in every layer) the
+    iteration budget takes no step and leaves the controls bit for bit (without the stop
+    its line search accepts tiny steps there)."""
+    prob, x0, y = lq_problem(seed=5, T=2, n=2, m=2, B=4, r_eps=0.05)
+    _run_to_fixed_point(EMSA(prob, rho=3.0, inner_iters=10), x0, y, max_steps=300)
+    g = prob.gradients(x0, y)
+    assert max(float(t.abs().max()) for gs in g for t in gs) < 1e-5
+    before = [u.clone() for us in prob.controls for u in us]
+    info = EMSA(prob, rho=3.0, inner_iters=10, inner_budget="iterations").step(x0, y)
+    assert info.extra["inner_steps"].tolist() == [0, 0]
+    assert all(torch.equal(u, v) for u, v in zip(before, [u for us in prob.controls
+                                                         for u in us], strict=True))
+
+
+def test_inner_budget_errors():
+    prob, _, _ = lq_problem()
+    with pytest.raises(ConfigError, match="evaluations, iterations"):
+        EMSA(prob, inner_budget="epochs")
+    with pytest.raises(ConfigError, match="Adam"):
+        EMSA(prob, inner="adam", inner_budget="iterations")
+    with pytest.raises(ConfigError, match="caps"):
+        EMSA(prob, inner_max_evals=20)
+    with pytest.raises(ConfigError, match="must be >= inner_iters"):
+        EMSA(prob, inner_iters=10, inner_budget="iterations", inner_max_evals=5)
+    assert EMSA(prob, inner_iters=7, inner_budget="iterations").inner_max_evals == 21
+
+
+def test_iteration_budget_keeps_every_accepted_pair():
+    """With rejections among 10 accepted steps, the L-BFGS memory of 10 still holds all 10
+    pairs (a window over every evaluation), so the result does not depend on how many
+    trials were rejected on the way: a history of 10 equals a history of 40."""
+    def run(history: int) -> list[torch.Tensor]:
+        prob, x, y = tanh_problem(seed=4)
+        s = EMSA(prob, rho=0.5, lr=30.0, inner_iters=10, history=history,
+                 inner_budget="iterations", inner_max_evals=40)
+        info = s.step(x, y)
+        assert info.extra["evaluations"] > 12  # rejected trials on the way
+        return [u.clone() for us in prob.controls for u in us]
+
+    for a, b in zip(run(10), run(40), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_iteration_budget_applies_scipys_decrease_and_line_search_stops(monkeypatch):
+    """The stops are wired per layer: with ftol 1 every accepted step of a layer whose
+    -Htilde is below 1 in size is 'flat', so each layer stops after one step; with a
+    line search of one trial and a step too large to pass, no layer takes any."""
+    import ocnet.solvers.msa as msa
+
+    prob, x, y = tanh_problem(seed=5)
+    base = EMSA(prob, rho=0.5, inner_iters=6, inner_budget="iterations").step(x, y)
+    assert int(base.extra["inner_steps"].min()) > 1
+    monkeypatch.setattr(msa, "SCIPY_FTOL", 1.0)
+    info = EMSA(prob, rho=0.5, inner_iters=6, inner_budget="iterations").step(x, y)
+    assert info.extra["inner_steps"].tolist() == [1] * len(base.extra["inner_steps"])
+    monkeypatch.setattr(msa, "SCIPY_FTOL", 0.0)
+    monkeypatch.setattr(msa, "SCIPY_MAXLS", 1)
+    info = EMSA(prob, rho=0.5, lr=1e4, inner="gd", inner_iters=6,
+                inner_budget="iterations").step(x, y)
+    assert int(info.extra["inner_steps"].max()) == 0

@@ -261,6 +261,11 @@ def test_a_bad_perturb_init_is_refused(cls, bad):
 def test_msa_takes_perturb_init_and_its_preset():
     solver = make_solver("msa", _problem()[0], preset="paper")
     assert isinstance(solver, MSA) and solver.perturb_init == 0.005 and solver.rho() == 0.0
+    # the public maxiter 10 counts L-BFGS-B iterations, not evaluations
+    assert solver.inner_budget == "iterations" and solver.inner_iters == 10
+    emsa = make_solver("emsa", _problem()[0], preset="paper")
+    assert emsa.inner_budget == "iterations" and emsa.scaling == "reference"
+    assert make_solver("emsa", _problem()[0]).inner_budget == "evaluations"
 
 
 # ------------------------------------------------------------------------ NOVAS and DCEM layers

@@ -72,6 +72,11 @@ from .base import Solver, StepInfo, grad_norm, register
 
 INNER_SOLVERS = ("adam", "gd", "lbfgs", "torch-lbfgs")
 SCALINGS = ("mean", "reference")
+INNER_BUDGETS = ("evaluations", "iterations")
+#: the stops of ``inner_budget="iterations"``: scipy's L-BFGS-B defaults (``ftol`` = factr 1e7
+#: times the float64 epsilon, ``gtol`` on the largest gradient entry, ``maxls`` trials in
+#: one line search), per layer
+SCIPY_FTOL, SCIPY_GTOL, SCIPY_MAXLS = 2.220446049250313e-09, 1e-5, 20
 DEFAULT_INNER_LR = {"lbfgs": 1.0, "gd": 1.0, "adam": 1e-2, "torch-lbfgs": 1.0}
 
 
@@ -551,7 +556,24 @@ class EMSA(Solver):
         rho_decay: if not 1, ``rho`` (a number) becomes ``GeometricRho(rho, rho_decay)``.
         rho_min: lower bound of that geometric schedule.
         inner: the inner maximiser, one of ``INNER_SOLVERS``.
-        inner_iters: evaluations of (Htilde, grad Htilde) per outer step.
+        inner_iters: the inner budget per outer step, counted as ``inner_budget`` says.
+        inner_budget: ``"evaluations"`` (default): ``inner_iters`` evaluations of
+            (Htilde, grad Htilde) for all layers at once, a fixed cost and no host read.
+            ``"iterations"`` (``lbfgs``, ``gd``): at most ``inner_iters`` *accepted* steps
+            per layer, as scipy's ``maxiter`` counts L-BFGS-B iterations (each with its
+            line-search evaluations), and a layer also stops at scipy's default tests
+            (:data:`SCIPY_FTOL`: the relative decrease (f_k - f_k+1) / max(|f_k|, |f_k+1|,
+            1) of an accepted step; :data:`SCIPY_GTOL`: the largest gradient entry) or after
+            :data:`SCIPY_MAXLS` rejected trials in a row (scipy then drops its memory and
+            retries along the gradient before it stops). With ``inner_iters <= history``
+            every accepted pair of the step stays in the memory, as scipy's does. A stopped
+            layer keeps its point; the maximisation ends when every layer has stopped, or
+            after ``inner_max_evals`` evaluations. It reads one flag on the host per
+            evaluation after the first ``inner_iters`` (none before).
+            ``torch-lbfgs``: ``max_iter=inner_iters`` iterations of torch's L-BFGS over all
+            layers together (one line search, no per-layer stops), ``max_eval=inner_max_evals``.
+        inner_max_evals: the evaluation cap of ``inner_budget="iterations"`` (default
+            ``3 * inner_iters``).
         lr: the inner step size (L-BFGS/gd: the largest step multiplier; Adam: its lr).
         history: the L-BFGS memory.
         weight_decay: an extra running cost ``weight_decay/2 |u_t|^2`` this solver adds to
@@ -571,15 +593,18 @@ class EMSA(Solver):
             at the first step and saved in ``state_dict``): equal seeds give equal runs.
 
     Presets (``make_solver("emsa", problem, preset="paper")``, :data:`PRESETS`): ``paper``
-    = ``rho=1, scaling="reference", inner="lbfgs", inner_iters=10, history=10,
-    perturb_init=0.005``: the toy setting of the public code (LiQianxiao/
+    = ``rho=1, scaling="reference", inner="lbfgs", inner_iters=10,
+    inner_budget="iterations", history=10, perturb_init=0.005``: the toy setting of the
+    public code (LiQianxiao/
     MaxPrinciple-DeepLearning, ``config.yml`` 'toy': ``rho``, ``msa_maxiter``,
     ``msa_perturb_init``; ``msalib/layers.py``: penalties summed over the batch;
     ``msalib/scipyoptimizer.py``: the perturbed start; scipy's L-BFGS-B keeps 10
-    corrections). Its MNIST setting differs (``rho=0.03``, no perturbation). Not the
-    same as there: scipy's L-BFGS-B counts 10 *iterations* (with their line-search
-    evaluations) where ``inner_iters`` counts evaluations, and its line search is not our
-    per-layer Armijo one; the public code's ``reg=1e-3`` is a running cost of the problem
+    corrections; ``maxiter`` 10 counts iterations, hence ``inner_budget="iterations"``).
+    Its MNIST setting differs (``rho=0.03``, no perturbation). Not the same as there:
+    scipy's line search (Moré-Thuente, strong Wolfe) is not our per-layer Armijo
+    backtracking, and after a failed line search scipy restarts from the gradient once
+    where a layer here stops; the stops themselves are scipy's defaults. The public
+    code's ``reg=1e-3`` is a running cost of the problem
     (``to_problem(..., weight_decay=1e-3)``), not a solver option. The defaults are not
     the paper's: ``scaling="mean"`` makes one rho mean the same at every batch size (the
     reference scaling's penalties change with it), and no perturbation keeps a step
@@ -597,6 +622,8 @@ class EMSA(Solver):
         rho_min: float = 0.0,
         inner: str = "lbfgs",
         inner_iters: int = 10,
+        inner_budget: str = "evaluations",
+        inner_max_evals: int | None = None,
         lr: float | None = None,
         history: int = 10,
         weight_decay: float = 0.0,
@@ -608,6 +635,16 @@ class EMSA(Solver):
         perturb_seed: int = 0,
     ) -> None:
         super().__init__(problem)
+        if inner_budget not in INNER_BUDGETS:
+            raise unknown_name("inner budget", inner_budget, INNER_BUDGETS)
+        if inner_budget == "iterations" and inner == "adam":
+            raise ConfigError('inner_budget="iterations" (also set by preset="paper") counts '
+                              'accepted steps, which Adam does not take (it moves every '
+                              'time); use inner="lbfgs" or "gd", or give '
+                              'inner_budget="evaluations" beside inner="adam"')
+        if inner_max_evals is not None and inner_budget != "iterations":
+            raise ConfigError('inner_max_evals caps inner_budget="iterations"; with '
+                              '"evaluations" the cap is inner_iters itself')
         if not (isinstance(perturb_init, int | float) and math.isfinite(perturb_init)
                 and perturb_init >= 0):
             raise ConfigError(f"perturb_init (the size of the uniform noise on the inner "
@@ -641,6 +678,12 @@ class EMSA(Solver):
             raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
         self.inner = inner
         self.inner_iters = int(inner_iters)
+        self.inner_budget = inner_budget
+        self.inner_max_evals = (int(inner_max_evals) if inner_max_evals is not None
+                                else 3 * self.inner_iters)
+        if self.inner_max_evals < self.inner_iters:
+            raise ConfigError(f"inner_max_evals ({self.inner_max_evals}) must be >= inner_iters"
+                              f" ({self.inner_iters}): each accepted step costs an evaluation")
         self.lr = DEFAULT_INNER_LR[inner] if lr is None else float(lr)
         self.history = int(history)
         self.weight_decay = float(weight_decay)
@@ -717,10 +760,13 @@ class EMSA(Solver):
             z, phi = self._torch_lbfgs(zs, phis, fr)
         else:
             z, phi = self._lbfgs(zs, phis, gs, fr, history=0 if self.inner == "gd" else None)
+        steps_taken = self.__dict__.pop("_inner_steps", None)  # inner_budget="iterations"
         if self.perturb_init:  # never worse than the unperturbed controls, per layer
             ok = torch.isfinite(phi) & (phi <= phi0)
             z = torch.where(lay.expand(ok), z, z0)
             phi = torch.where(ok, phi, phi0)
+            if steps_taken is not None:  # a layer put back at z0 has taken no step
+                steps_taken = torch.where(ok, steps_taken, 0)
         with torch.no_grad():
             for t, us in zip(lay.stages, lay.views(z), strict=True):
                 for u, v in zip(problem.stages[t].controls, us, strict=True):
@@ -733,6 +779,8 @@ class EMSA(Solver):
             "evaluations": self.evaluations - before,
             "control_change": torch.linalg.vector_norm(z - z0),
         }
+        if steps_taken is not None:  # inner_budget="iterations": accepted steps per layer
+            extra["inner_steps"] = steps_taken
         return StepInfo(loss=J, accepted=True, grad_norm=grad_norm(grads), extra=extra)
 
     # ------------------------------------------------------------------ Htilde and its gradient
@@ -880,7 +928,13 @@ class EMSA(Solver):
         lay = self.layout
         m = self.history if history is None else history
         n, L = z.numel(), lay.L  # noqa: N806
-        iters = self.inner_iters
+        by_steps = self.inner_budget == "iterations"
+        iters = self.inner_max_evals if by_steps else self.inner_iters
+        if by_steps and 0 < m and self.inner_iters <= m:
+            # A rejected trial holds a window position (with no pair); a layer keeps at most
+            # inner_iters <= history pairs, so a window over every evaluation drops none of
+            # them, as scipy keeps all the pairs of its maxiter iterations.
+            m = iters
         # 2 rows per kept pair, then g, the trial step and the new gradient; a buffer that
         # would need more than 4m + 4 rows moves its window back instead (see above)
         rows = 3 if not m else min(2 * iters + 1, 4 * m + 4)
@@ -910,7 +964,14 @@ class EMSA(Solver):
         tau = torch.ones(L, dtype=z.dtype, device=z.device)
         w, count = 0, 0  # the window's first row; pairs added so far
         gg = lay.dot(g, g)
-        for _ in range(iters):
+        if by_steps:  # accepted steps and consecutive rejections per layer; scipy's stops
+            taken = torch.zeros(L, dtype=torch.long, device=z.device)
+            fails = torch.zeros(L, dtype=torch.long, device=z.device)
+            active = self._largest(g) > SCIPY_GTOL
+            self._inner_steps = taken
+        for it in range(iters):
+            if by_steps and it >= self.inner_iters and not bool(active.any()):
+                break  # the one host read of this mode (none in the first inner_iters)
             c = min(count, m)
             if w + 2 * c + 3 > rows:  # back to the front (w >= 2c + 2: no overlap)
                 Q[:2 * c + 1].copy_(Q[w:w + 2 * c + 1])
@@ -947,10 +1008,20 @@ class EMSA(Solver):
             if gc is not gn:
                 gn.copy_(gc)
             ok = torch.isfinite(phic) & (phic <= phi + self.c1 * tau * gd)
+            if by_steps:  # a stopped layer keeps its point (its trial is never accepted)
+                ok = ok & active
             okc = ok[:, None]
             dst = i_n if m else ig  # gradient ascent keeps g in row 0
             for (j0, j1), qr in zip(spans, Qr, strict=True):
                 torch.where(okc[j0:j1], qr[i_n], qr[ig], out=qr[dst])  # g_new: g where rejected
+            if by_steps:
+                taken += ok
+                fails = torch.where(ok, 0, fails + active.long())
+                scale = torch.clamp(torch.maximum(phi.abs(), phic.abs()), min=1.0)
+                flat = ok & ((phi - phic) <= SCIPY_FTOL * scale)
+                small = ok & (self._largest(Q[dst]) <= SCIPY_GTOL)
+                active = (active & (taken < self.inner_iters) & ~flat & ~small
+                          & (fails < SCIPY_MAXLS))
             if m:
                 torch.sub(Q[i_n], Q[ig], out=Q[ig])  # y over g: 0 where rejected
                 # (y, s, g_new) times the window, themselves included: (L, 3, 2c + 3)
@@ -1000,6 +1071,10 @@ class EMSA(Solver):
             phi = torch.where(ok, phic, phi)
         return z, phi
 
+    def _largest(self, v: Tensor) -> Tensor:
+        """Per layer, the largest |entry| of the flat vector ``v``: shape (L,)."""
+        return torch.cat([r.abs().amax(-1) for r in self.layout.run_views(v)])
+
     def _adam(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen) -> tuple[Tensor, Tensor]:
         """Adam ascent on all controls; each layer returns its best evaluated iterate."""
         lay = self.layout
@@ -1026,7 +1101,9 @@ class EMSA(Solver):
         lay = self.layout
         zt = z0.clone().requires_grad_(True)
         opt = torch.optim.LBFGS([zt], lr=self.lr, max_iter=self.inner_iters,
-                                max_eval=self.inner_iters, history_size=self.history,
+                                max_eval=self.inner_max_evals
+                                if self.inner_budget == "iterations" else self.inner_iters,
+                                history_size=self.history,
                                 tolerance_grad=0.0, tolerance_change=0.0,
                                 line_search_fn="strong_wolfe")
 
@@ -1062,8 +1139,10 @@ class EMSA(Solver):
             self._perturb_rng.set_state(state["perturb_rng"])
 
     def __repr__(self) -> str:
+        budget = "" if self.inner_budget == "evaluations" else " iterations"
         return (f"{type(self).__name__}(problem={self.problem.name}, rho={self.rho_schedule!r}, "
-                f"inner={self.inner}x{self.inner_iters}, lr={self.lr:g}, steps={self.steps})")
+                f"inner={self.inner}x{self.inner_iters}{budget}, lr={self.lr:g}, "
+                f"steps={self.steps})")
 
 
 class MSA(EMSA):
@@ -1072,8 +1151,8 @@ class MSA(EMSA):
     It can diverge: the maximiser of H_t may leave the region where the frozen states
     and costates describe the network (``examples/04_msa_divergence.py``).
 
-    Presets: ``paper`` = ``inner="lbfgs", inner_iters=10, history=10,
-    perturb_init=0.005``, the inner maximisation of the public code's toy setting (see
+    Presets: ``paper`` = ``inner="lbfgs", inner_iters=10, inner_budget="iterations",
+    history=10, perturb_init=0.005``, the inner maximisation of the public code's toy setting (see
     :class:`EMSA`). The public code runs E-MSA only; basic MSA is the paper's Algorithm 1
     (Li, Chen, Tai & E, JMLR 2018), so these inner settings are borrowed from there, and
     the default stays unperturbed for the reasons given at :class:`EMSA`.
@@ -1082,20 +1161,22 @@ class MSA(EMSA):
     name = "msa"
 
     def __init__(self, problem: Problem, *, inner: str = "lbfgs", inner_iters: int = 10,
+                 inner_budget: str = "evaluations", inner_max_evals: int | None = None,
                  lr: float | None = None, history: int = 10, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  c1: float = 1e-4, perturb_init: float = 0.0, perturb_seed: int = 0) -> None:
-        super().__init__(problem, 0.0, inner=inner, inner_iters=inner_iters, lr=lr,
+        super().__init__(problem, 0.0, inner=inner, inner_iters=inner_iters,
+                         inner_budget=inner_budget, inner_max_evals=inner_max_evals, lr=lr,
                          history=history, weight_decay=weight_decay, betas=betas, eps=eps, c1=c1,
                          perturb_init=perturb_init, perturb_seed=perturb_seed)
 
 
 #: the presets of ``--solver msa`` and ``--solver emsa`` (sources: :class:`EMSA`, :class:`MSA`)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "msa": {"paper": {"inner": "lbfgs", "inner_iters": 10, "history": 10,
-                      "perturb_init": 0.005}},
+    "msa": {"paper": {"inner": "lbfgs", "inner_iters": 10, "inner_budget": "iterations",
+                      "history": 10, "perturb_init": 0.005}},
     "emsa": {"paper": {"rho": 1.0, "scaling": "reference", "inner": "lbfgs", "inner_iters": 10,
-                       "history": 10, "perturb_init": 0.005}},
+                       "inner_budget": "iterations", "history": 10, "perturb_init": 0.005}},
 }
 
 register("msa", lambda problem, lr=None, **kw: MSA(problem, lr=lr, **kw),

@@ -57,7 +57,8 @@ SolverFactory = Callable[..., "Solver"]
 COST_CLASSES: dict[str, str] = {
     "first-order": "one forward and one backward sweep per step (a gradient)",
     "first-order-feedback": "a gradient sweep plus a layer-wise feedback forward pass",
-    "inner-iterations": "inner_iters evaluations of each layer's Hamiltonian per step",
+    "inner-iterations": "inner_iters evaluations of each layer's Hamiltonian per step (with "
+                        "inner_budget='iterations': up to inner_max_evals)",
     "second-order-dense": "a dense factorisation per stage, cubic in the stage's controls",
     "nlp-dense": "one dense NLP over all controls and samples, solved to optimality",
 }
