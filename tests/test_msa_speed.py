@@ -144,7 +144,7 @@ def _two_loop_lbfgs(self, z, phi, g, fr, history):
         z = torch.where(okx, zc, z)
         g = torch.where(okx, gc, g)
         phi = torch.where(ok, phic, phi)
-    return z, phi
+    return z, phi, None  # as EMSA._lbfgs with the evaluation budget (no step counts)
 
 
 @pytest.mark.parametrize("options", [{"history": 3, "inner_iters": 9},  # a full memory

@@ -754,13 +754,14 @@ class EMSA(Solver):
             zs = z0 + self.perturbation(z0)
             phis, gs = self.evaluate(zs, fr)
             assert gs is not None
+        steps_taken: Tensor | None = None  # accepted steps per layer (inner_budget="iterations")
         if self.inner == "adam":
             z, phi = self._adam(zs, phis, gs, fr)
         elif self.inner == "torch-lbfgs":
             z, phi = self._torch_lbfgs(zs, phis, fr)
         else:
-            z, phi = self._lbfgs(zs, phis, gs, fr, history=0 if self.inner == "gd" else None)
-        steps_taken = self.__dict__.pop("_inner_steps", None)  # inner_budget="iterations"
+            z, phi, steps_taken = self._lbfgs(zs, phis, gs, fr,
+                                              history=0 if self.inner == "gd" else None)
         if self.perturb_init:  # never worse than the unperturbed controls, per layer
             ok = torch.isfinite(phi) & (phi <= phi0)
             z = torch.where(lay.expand(ok), z, z0)
@@ -891,8 +892,10 @@ class EMSA(Solver):
         return ws[1], ws[2]
 
     def _lbfgs(self, z: Tensor, phi: Tensor, g: Tensor, fr: _Frozen, history: int | None
-               ) -> tuple[Tensor, Tensor]:
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Batched L-BFGS (``history=0``: gradient ascent), per-layer Armijo accept/reject.
+        Returns the controls, phi per layer and, with ``inner_budget="iterations"``, the
+        accepted steps per layer (else None).
 
         The direction is the two-loop recursion's -H g in its compact form (Byrd, Nocedal,
         Schnabel 1994), per layer: with the pairs oldest to newest, a = S'g, b = Y'g,
@@ -968,7 +971,6 @@ class EMSA(Solver):
             taken = torch.zeros(L, dtype=torch.long, device=z.device)
             fails = torch.zeros(L, dtype=torch.long, device=z.device)
             active = self._largest(g) > SCIPY_GTOL
-            self._inner_steps = taken
         for it in range(iters):
             if by_steps and it >= self.inner_iters and not bool(active.any()):
                 break  # the one host read of this mode (none in the first inner_iters)
@@ -1069,7 +1071,7 @@ class EMSA(Solver):
             tau = torch.where(ok, grow, shrink)
             gg = torch.where(ok, P[:, 2, 2 * c + 2], gg) if m else lay.dot(Q[0], Q[0])
             phi = torch.where(ok, phic, phi)
-        return z, phi
+        return z, phi, (taken if by_steps else None)
 
     def _largest(self, v: Tensor) -> Tensor:
         """Per layer, the largest |entry| of the flat vector ``v``: shape (L,)."""
