@@ -71,7 +71,8 @@ Protocol (config.yml ``toy``; both sides single-threaded: ``tf.ConfigProto`` int
   inner_iters=10)`` from the all-zero init; E-MSA ``preset="paper"`` (the same plus
   ``perturb_init=0.005``); Adam lr 0.005; and the first E-MSA in float64 (module, data
   drawn again in float64) to see how the escape from the symmetric state depends on the
-  rounding;
+  rounding; in the ``--seeds`` sweep also E-MSA with ``rho_adapt=True`` (the adaptive rho
+  from rho 1, ``AdaptiveRho``'s default thresholds; a declined step counts as an iteration);
 - recorded after every iteration: J = MSE + 1e-3/2 |u|^2 (the public ``Trainer.
   _compute_loss`` returns this J, not the MSE: ``self.loss = msa_terminal_loss + sum of
   msa_regularizer``; ocnet's ``problem.objective`` is the same J), the MSE alone (public:
@@ -90,7 +91,8 @@ Usage::
 
     .venv/bin/python benchmarks/emsa_public.py                 # 500 iterations (minutes)
     .venv/bin/python benchmarks/emsa_public.py --quick         # 3 iterations (seconds)
-    .venv/bin/python benchmarks/emsa_public.py --seeds 5       # seeds 1-5 (half an hour)
+    .venv/bin/python benchmarks/emsa_public.py --seeds 5       # seeds 1-5 (half an hour),
+                                                     # figure docs/figures/emsa_public_seeds.png
     .venv/bin/python benchmarks/emsa_public.py --seeds 5 --public-json \
         benchmarks/results/emsa_public_seeds.json              # ocnet's side again
 """
@@ -124,6 +126,7 @@ PUBLIC_FILES = ("msalib/layers.py", "msalib/network.py", "msalib/train.py",
 MARKS = (10, 50, 100, 500)
 ASYM_AT = (1, 3, 5, 10, 15, 20, 30, 50, 100, 500)
 ESCAPE = 1e-3  # "escaped the symmetric state": node asymmetry of W above this
+ADAPT_LABEL = "ocnet E-MSA zero init, adaptive rho from 1, 10 inner evals (rho_adapt=True)"
 
 
 # ================================================================ public side (TF python)
@@ -356,9 +359,13 @@ def ocnet_arm(kind: str, iters: int, float64: bool = False, seed: int = 1,
                  "inner_budget": budget},
         # the public noise changes with the config seed; ocnet's with perturb_seed
         "emsa-paper": {"preset": "paper", "perturb_seed": seed - 1},
+        # the adaptive rho (AdaptiveRho from the public rho 1, its textbook thresholds)
+        "emsa-adapt": {"rho": 1.0, "scaling": "reference", "inner_iters": inner_iters,
+                       "inner_budget": budget, "rho_adapt": True},
         "adam": {"lr": 0.005},
     }[kind]
     solver = make_solver("adam" if kind == "adam" else "emsa", problem, **opts)
+    declined = 0  # steps the adaptive rho turned down (they count as iterations)
     blocks = [m.linear for m in net if hasattr(m, "linear")]
     rec: dict[str, list[float]] = {k: [] for k in ("J", "mse", "asym_w", "asym_b", "cpu",
                                                    "wall", "evals")}
@@ -376,13 +383,14 @@ def ocnet_arm(kind: str, iters: int, float64: bool = False, seed: int = 1,
     for _ in range(iters):
         e0 = getattr(solver, "evaluations", 0)
         c0, w0 = time.process_time(), time.perf_counter()
-        solver.step(x, y)
+        declined += bool(solver.step(x, y).declined)
         rec["wall"].append(time.perf_counter() - w0)
         rec["cpu"].append(time.process_time() - c0)
         rec["evals"].append(getattr(solver, "evaluations", 0) - e0)
         record()
         if not math.isfinite(rec["J"][-1]):
             break
+    rec["declined"] = [declined]
     return rec
 
 
@@ -485,6 +493,20 @@ def report(pub: dict[str, Any], oc: dict[str, dict[str, Any]], iters: int, x_oc:
     return "\n".join(lines), summary
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    from ocnet._atomic import atomic_write
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buf.getvalue())
+
+
 def figure(arms: dict[str, dict[str, Any]], path: Path) -> None:
     """Semilogy MSE curves and node asymmetry of every arm, written atomically."""
     import matplotlib
@@ -492,7 +514,6 @@ def figure(arms: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ocnet._atomic import atomic_write
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, r in arms.items():
@@ -506,15 +527,51 @@ def figure(arms: dict[str, dict[str, Any]], path: Path) -> None:
     a2.set_ylabel("max_layers max |W - mean W|")
     a2.set_title("node asymmetry (0 = all nodes equal)")
     a2.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buf.getvalue())
+    _save_png(fig, path)
 
 
 SWEEP_INNER = (10, 15, 20)
+
+
+def figure_seeds(curves: dict[str, dict[str, list[float]]], path: Path,
+                 arms: tuple[str, ...] | None = None) -> None:
+    """The seed sweep's J curves: per arm the median over the seeds and the band from the
+    smallest to the largest seed, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+    for ax, last in zip(axes, (60, None), strict=True):
+        for label, per in curves.items():
+            if arms is not None and label not in arms:
+                continue
+            n = min(len(c) for c in per.values())
+            n = n if last is None else min(n, last + 1)
+            cols = list(zip(*(c[:n] for c in per.values()), strict=True))
+            med = [statistics.median(c) for c in cols]
+            line, = ax.semilogy(med, "--" if label.startswith("public") else "-", lw=1.3,
+                                label=f"{label} (median of {len(per)})")
+            ax.fill_between(range(n), [min(c) for c in cols], [max(c) for c in cols],
+                            color=line.get_color(), alpha=0.12, lw=0)
+        for k in MARKS:
+            if last is None or k <= last:
+                ax.axvline(k, color="0.85", lw=0.6, zorder=0)
+        ax.set_ylim(5e-3, 1e2)
+        ax.set_xlim(0, last)
+        ax.set_xlabel("iteration (one inner maximisation each; a declined step counts)")
+        ax.set_ylabel("J = MSE + 1e-3/2 |u|^2")
+    axes[0].set_title("the first 60 iterations")
+    axes[1].set_title("E-MSA public toy, seeds 1-5: median and min-max band")
+    axes[1].legend(fontsize=6.5)
+    _save_png(fig, path)
+
+
+#: the arms drawn in the seed sweep's figure
+SEED_FIGURE_ARMS = ("ocnet E-MSA zero init, 10 inner evals",
+                    'ocnet E-MSA preset="paper" (perturb_seed = seed - 1)', "ocnet Adam (lr 0.005)")
 
 
 def seed_sweep(args: argparse.Namespace, public: Path, iters: int, env: dict[str, str],
@@ -558,6 +615,7 @@ def seed_sweep(args: argparse.Namespace, public: Path, iters: int, env: dict[str
     labels["ocnet E-MSA zero init, 10 inner iterations (the preset without noise)"] = (
         "emsa", 10, "iterations")
     labels['ocnet E-MSA preset="paper" (perturb_seed = seed - 1)'] = ("emsa-paper", 10, "")
+    labels[ADAPT_LABEL] = ("emsa-adapt", 10, "evaluations")
     labels["ocnet Adam (lr 0.005)"] = ("adam", 10, "")
     runs: dict[str, dict[str, Any]] = {pub_label: pub["runs"]}
     for label, (kind, n, budget) in labels.items():
@@ -613,6 +671,21 @@ def seed_sweep(args: argparse.Namespace, public: Path, iters: int, env: dict[str
         w = "/".join(str(wins[label][k]) for k in marks) if label in wins else "-"
         lines.append(f"| {label} | " + " | ".join(_g(med[label][k]) for k in marks)
                      + f" | {w} | {sec[label]:.4g} | {sec[label] / adam:.3g} |")
+    if ADAPT_LABEL in runs:
+        dec = [runs[ADAPT_LABEL][str(s)]["declined"][0] for s in seeds]
+        mono = all(all(b <= a for a, b in zip(r["J"], r["J"][1:], strict=False))
+                   for r in runs[ADAPT_LABEL].values())
+        lines += ["", f"Adaptive rho (`rho_adapt=True`: `AdaptiveRho(1)`, its default thresholds "
+                      f"0.25/0.75, factor 2, accept 1e-4, not tuned here): steps declined per "
+                      f"seed {'/'.join(map(str, dec))} of {iters} (each counts as an "
+                      f"iteration: it costs an inner maximisation); J "
+                      f"{'never increases' if mono else 'increases somewhere'} along every "
+                      f"curve; largest J after iteration 5, median over the seeds: "
+                      + _g(statistics.median(max(runs[ADAPT_LABEL][str(s)]["J"][5:],
+                                                 default=math.nan) for s in seeds))
+                      + " (public: " + _g(statistics.median(
+                          max(runs[pub_label][str(s)]["J"][5:], default=math.nan)
+                          for s in seeds)) + ")."]
     text = "\n".join(lines)
     print(text, flush=True)
     out = Path(args.out or ("runs/bench/emsa_public_seeds_quick.md" if args.quick
@@ -625,6 +698,9 @@ def seed_sweep(args: argparse.Namespace, public: Path, iters: int, env: dict[str
                          for label, per in runs.items()},
               "public": pub}  # whole, so that --public-json can reuse it
     atomic_write(out.with_suffix(".json"), json.dumps(record, indent=1))
+    fig = Path(args.figure or ("runs/bench/emsa_public_seeds_quick.png" if args.quick
+                               else ROOT / "docs" / "figures" / "emsa_public_seeds.png"))
+    figure_seeds(record["curves"], fig, (pub_label, ADAPT_LABEL, *SEED_FIGURE_ARMS))
     return record
 
 

@@ -176,7 +176,8 @@ def digits_batches(batch_size: int, n: int) -> tuple[Any, list[tuple]]:
 def toy_row(args: argparse.Namespace) -> dict[str, Any]:
     """The public toy (``ocnet.reproduce._emsa_toy``: 20 residual layers of width 5, all-zero
     init, full batch 100, MSE + 1e-3/2 |u|^2): E-MSA with the public settings (rho 1,
-    reference scaling, 10 inner evaluations; plain and ``preset="paper"``) and Adam lr
+    reference scaling, 10 inner evaluations; plain, ``preset="paper"`` and with
+    ``rho_adapt=True``) and Adam lr
     0.005, each on its own copy of the problem, stepped in turn (issue 15 item 4: <= 15x
     Adam per step)."""
     from ocnet.reproduce import _emsa_toy
@@ -184,14 +185,18 @@ def toy_row(args: argparse.Namespace) -> dict[str, Any]:
     solvers = {}
     for name, opts in (("adam", {"lr": 0.005}),
                        ("emsa", {"rho": 1.0, "scaling": "reference", "inner_iters": 10}),
-                       ("emsa paper", {"preset": "paper"})):
+                       ("emsa paper", {"preset": "paper"}),
+                       ("emsa adaptive", {"rho": 1.0, "scaling": "reference",
+                                          "inner_iters": 10, "rho_adapt": True})):
         problem, x, y = _emsa_toy()
         solvers[name] = make_solver(name.split()[0], problem, **opts)
     med = interleave(solvers, [(x, y)], args.rounds, args.warmup)
     r = {"adam_ms": med["adam"] * 1e3, "emsa": med["emsa"] / med["adam"],
-         "paper": med["emsa paper"] / med["adam"], "load": loadavg()}
+         "paper": med["emsa paper"] / med["adam"],
+         "adaptive": med["emsa adaptive"] / med["adam"], "load": loadavg()}
     print("| public toy 20 x 5, batch 100 | "
-          f"{r['adam_ms']:.2f} | {r['emsa']:.1f} | {r['paper']:.1f} | {r['load']} |", flush=True)
+          f"{r['adam_ms']:.2f} | {r['emsa']:.1f} | {r['paper']:.1f} | {r['adaptive']:.1f} | "
+          f"{r['load']} |", flush=True)
     return r
 
 
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--networks", default="mlp,cnn,resnet20")
     ap.add_argument("--sweep", default="issue", choices=("issue", "quick", "none"))
     ap.add_argument("--toy", action="store_true",
-                    help="also the E-MSA public toy (plain and preset='paper')")
+                    help="also the E-MSA public toy (plain, preset='paper', rho_adapt)")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 15)
     torch.set_num_threads(1)
@@ -230,8 +235,8 @@ def main(argv: list[str] | None = None) -> None:
             row(name, model, batches, args, baseline)
     if args.toy:
         print("\nE-MSA public toy (config.yml 'toy'), interleaved with Adam lr 0.005\n")
-        print("| problem | Adam ms/step | E-MSA / Adam | E-MSA paper preset / Adam | load |\n"
-              "|---|---|---|---|---|")
+        print("| problem | Adam ms/step | E-MSA / Adam | E-MSA paper preset / Adam | "
+              "E-MSA rho_adapt / Adam | load |\n|---|---|---|---|---|---|")
         toy_row(args)
     sizes = {"issue": SWEEP, "quick": SWEEP_QUICK, "none": []}[
         "quick" if args.quick and args.sweep == "issue" else args.sweep]

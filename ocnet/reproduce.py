@@ -265,19 +265,21 @@ def emsa_toy(level: str, out: Path) -> Row:
         "E-MSA (rho 1, reference scaling), zero init": ("emsa", plain, 0.0, torch.float32),
         'E-MSA preset="paper" (public: + U(-0.005, 0.005) on every inner start)': (
             "emsa", {"preset": "paper"}, 0.0, torch.float32),
+        "E-MSA adaptive rho (rho_adapt=True, from 1), zero init": (
+            "emsa", {**plain, "rho_adapt": True}, 0.0, torch.float32),
         "E-MSA, zero init + U(-0.005, 0.005) once": ("emsa", plain, 0.005, torch.float32),
         "E-MSA zero init, float64": ("emsa", plain, 0.0, torch.float64),
         "Adam (lr 0.005, public baseline), zero init": (
             "adam", {"lr": 0.005}, 0.0, torch.float32),
     }
-    if level == "quick":  # the smoke test: the plain arm, the paper preset and Adam
-        arms = {k: v for i, (k, v) in enumerate(arms.items()) if i in (0, 1, 4)}
+    if level == "quick":  # the smoke test: the plain arm, the preset, adaptive rho, Adam
+        arms = {k: v for i, (k, v) in enumerate(arms.items()) if i in (0, 1, 2, 5)}
     res = {}
     for label, (name, opts, pert, dtype) in arms.items():
         res[label] = _emsa_toy_run(name, opts, it, pert, dtype)
         _log(f"emsa-toy {label}: J final {res[label]['losses'][-1]:.4g}")
     names = list(arms)
-    em, em_paper, ad = res[names[0]], res[names[1]], res[names[-1]]
+    em, em_paper, em_adapt, ad = res[names[0]], res[names[1]], res[names[2]], res[names[-1]]
     ks = sorted({k for k in (10, 50, 100, 500) if k <= it} | {it})
 
     def at(ls: list[float], k: int) -> float:
@@ -303,6 +305,10 @@ def emsa_toy(level: str, out: Path) -> Row:
            f"iteration {k10} and at {it}"
            + (f"; its curve is not monotone (spike J = {_g(spike)})"
               if spike > 2 * at(em["losses"], 1) else "")
+           + "; with the adaptive rho (rho_adapt=True) J "
+           + ("never increases" if all(b <= a for a, b in zip(
+               em_adapt["losses"], em_adapt["losses"][1:], strict=False))
+              else "increases somewhere")
            + "; the toy's five nodes start identical (x repeated, zero weights) and a "
              "deterministic run leaves that symmetric state only through rounding noise "
              f"(asymmetry {_g(at(em['asymmetry'], 1), '.1g')} after one step), so its curve "
@@ -318,7 +324,8 @@ def emsa_toy(level: str, out: Path) -> Row:
     pub = next((m["J"] for label, m in marks.items() if label.startswith("public MSA (")), None)
     if pub and it >= 10:
         pks = [int(k) for k in pub if int(k) <= it]
-        for arm, r in (("zero-init", em), ("paper-preset", em_paper)):
+        for arm, r in (("zero-init", em), ("paper-preset", em_paper),
+                       ("adaptive-rho zero-init", em_adapt)):
             below = [k for k in pks if at(r["losses"], k) <= pub[str(k)]]
             why += (f"; {arm} E-MSA at or below the "
                     f"public code's J at {len(below)}/{len(pks)} of iterations "
@@ -330,6 +337,7 @@ def emsa_toy(level: str, out: Path) -> Row:
         n_seeds = len(sweep.get("seeds", []))
         for k, v in med.items():
             if pub_m is None or not (k.startswith("ocnet E-MSA zero init, 10 inner evals")
+                                     or k.startswith("ocnet E-MSA zero init, adaptive rho")
                                      or k.startswith('ocnet E-MSA preset="paper"')):
                 continue
             ks = [m for m in v if int(m) <= it]

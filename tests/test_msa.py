@@ -15,7 +15,7 @@ from ocnet.dynamics import ActivationField, LinearQuadratic, TimeMesh, euler_sta
 from ocnet.models import ResidualBlock
 from ocnet.ocp import ConfigError, FunctionStage, Problem
 from ocnet.solvers.base import make_solver, solver_names
-from ocnet.solvers.msa import EMSA, MSA, ConstantRho, GeometricRho
+from ocnet.solvers.msa import EMSA, MSA, AdaptiveRho, ConstantRho, GeometricRho
 
 DT = torch.float64
 
@@ -415,3 +415,110 @@ def test_iteration_budget_applies_scipys_decrease_and_line_search_stops(monkeypa
     info = EMSA(prob, rho=0.5, lr=1e4, inner="gd", inner_iters=6,
                 inner_budget="iterations").step(x, y)
     assert int(info.extra["inner_steps"].max()) == 0
+
+
+# ---------------------------------------------------------------------------- adaptive rho
+def test_adaptive_rho_rules():
+    """The trust-region rules on the ratio decrease / gain, by hand."""
+    r = AdaptiveRho(1.0, rho_min=0.25, rho_max=4.0)
+    assert r(0) == r(99) == 1.0
+    assert r.update(0.9, 1.0) == (True, 0.9) and r.rho == 0.5      # > 0.75: shrink
+    assert r.update(0.5, 1.0) == (True, 0.5) and r.rho == 0.5      # in between: keep
+    assert r.update(0.1, 1.0) == (True, 0.1) and r.rho == 1.0      # < 0.25: grow, kept
+    assert r.update(-0.1, 1.0) == (False, -0.1) and r.rho == 2.0   # J went up: declined
+    assert r.update(5e-5, 1.0) == (False, 5e-5) and r.rho == 4.0   # < accept: declined
+    ok, ratio = r.update(math.nan, 1.0)
+    assert not ok and ratio == -math.inf and r.rho == 4.0          # capped at rho_max
+    ok, ratio = r.update(0.0, 0.0)                                 # nothing to gain
+    assert ok and math.isnan(ratio) and r.rho == 4.0
+    for _ in range(5):
+        r.update(2.0, 1.0)
+    assert r.rho == 0.25                                           # floored at rho_min
+    with pytest.raises(ConfigError, match="factor"):
+        AdaptiveRho(1.0, factor=1.0)
+    with pytest.raises(ConfigError, match="accept <= low <= high"):
+        AdaptiveRho(1.0, low=0.8, high=0.5)
+    with pytest.raises(ConfigError, match="rho_min <= rho0"):
+        AdaptiveRho(1.0, rho_min=2.0)
+
+
+def _controls(prob):
+    return [tuple(u.detach().clone() for u in s.controls) for s in prob.stages]
+
+
+def test_adaptive_rho_never_increases_J_where_a_fixed_rho_does():  # noqa: N802
+    """The LQ problem on which basic MSA diverges: E-MSA with a fixed small rho raises J at
+    some step; the adaptive rho from the same rho never does, declines exactly the steps
+    whose ratio is below ``accept`` (leaving the controls bit for bit and doubling rho),
+    and its ratio is J's decrease (an independent forward pass) over the gain of the
+    augmented Hamiltonians (the independent reference evaluation)."""
+    rho0 = 0.02
+    prob, x0, y = lq_problem(seed=0, T=4, n=3, m=2, B=6, r_eps=0.01)
+    start = _controls(prob)
+    fixed = EMSA(prob, rho=rho0, inner_iters=10)
+    js = [float(prob.objective(x0, y).detach())]
+    for _ in range(10):
+        fixed.step(x0, y)
+        js.append(float(prob.objective(x0, y).detach()))
+    assert any(b > a for a, b in zip(js, js[1:], strict=False)), js
+    prob.set_controls(start)
+    s = EMSA(prob, rho=rho0, inner_iters=10, rho_adapt=True)
+    assert isinstance(s.rho_schedule, AdaptiveRho)
+    j = j0 = float(prob.objective(x0, y).detach())
+    declined = 0
+    for _ in range(25):
+        before = _controls(prob)
+        rho = s.rho()
+        info = s.step(x0, y)
+        after = _controls(prob)
+        j_new = float(prob.objective(x0, y).detach())
+        assert j_new <= j
+        assert info.extra["rho"] == rho
+        if info.declined:
+            declined += 1
+            assert info.accepted is False and "declined" in info.reason
+            assert info.extra["ratio"] < s.rho_schedule.accept
+            assert all(torch.equal(a, b) for ua, ub in zip(after, before, strict=True)
+                       for a, b in zip(ua, ub, strict=True))
+            assert info.extra["rho_next"] == min(2 * rho, s.rho_schedule.rho_max)
+        else:
+            # the ratio from an independent evaluation of both sides
+            prob.set_controls(before)
+            gain = sum(reference_htilde(prob, x0, y, after, rho)) - sum(
+                reference_htilde(prob, x0, y, before, rho))
+            prob.set_controls(after)
+            if gain > 1e-12:
+                assert info.extra["ratio"] == pytest.approx((j - j_new) / gain, rel=1e-6)
+                assert info.extra["ratio"] >= s.rho_schedule.accept
+        j = j_new
+    assert declined >= 1 and j < 0.7 * j0
+
+
+def test_adaptive_rho_options_state_and_the_loop():
+    prob, x0, y = lq_problem(seed=0, T=4, n=3, m=2, B=6, r_eps=0.01)
+    s = make_solver("emsa", prob, rho=0.02, inner_iters=10, rho_adapt=True, rho_min=0.01)
+    assert s.rho_schedule.rho_min == 0.01
+    for _ in range(6):
+        s.step(x0, y)
+    s2 = EMSA(prob, rho=0.02, inner_iters=10, rho_adapt=True)
+    s2.load_state_dict(s.state_dict())
+    assert s2.rho() == s.rho() != 0.02
+    state = s.host_state()
+    s.rho_schedule.rho = 123.0
+    s.set_host_state(state)  # what the finiteness guard does when it undoes a step
+    assert s.rho() == s2.rho() and s.evaluations == state["evaluations"]
+    with pytest.raises(ConfigError, match="does not combine"):
+        EMSA(prob, rho=GeometricRho(1.0, 0.5), rho_adapt=True)
+    with pytest.raises(ConfigError, match="does not combine"):
+        EMSA(prob, rho=1.0, rho_decay=0.5, rho_adapt=True)
+    with pytest.raises(ConfigError, match="starting rho > 0"):
+        EMSA(prob, rho=0.0, rho_adapt=True)
+    with pytest.raises(ConfigError, match="True or False"):
+        EMSA(prob, rho=1.0, rho_adapt="yes")
+    # declined steps are the solver's own retries: fit(max_rejected=1) does not stop on them
+    from ocnet.solvers.loop import fit
+
+    prob.set_controls(lq_problem(seed=0, T=4, n=3, m=2, B=6, r_eps=0.01)[0].controls)
+    s3 = EMSA(prob, rho=0.02, inner_iters=10, rho_adapt=True)
+    res = fit(s3, [(x0, y)], epochs=20, max_rejected=1)
+    assert res.rejected >= 1 and res.steps == 20

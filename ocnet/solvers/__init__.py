@@ -15,7 +15,7 @@ from .dwr import DWR, Level, doerfler, full_indicators, indicators
 from .gradient import DEFAULT_LR, OPTIMIZERS, GradientSolver
 from .ipopt import IpoptReference, QuadraticCost
 from .loop import Callback, EpochEnd, FitResult, StepEvent, TimeBudget, fit, minibatches
-from .msa import EMSA, MSA, ConstantRho, GeometricRho, RhoSchedule
+from .msa import EMSA, MSA, AdaptiveRho, ConstantRho, GeometricRho, RhoSchedule
 from .novas import DCEM, NOVAS, UnrolledGD, dcem, novas, unrolled_gd
 from .port_hamiltonian import GoalBraking, PortHamiltonian, PortHamiltonianSolver
 from .registry import (
@@ -51,6 +51,7 @@ __all__ = [
     "EMSA",
     "MSA",
     "NOVAS",
+    "AdaptiveRho",
     "ConstantRho",
     "GeometricRho",
     "RhoSchedule",

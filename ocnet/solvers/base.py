@@ -62,6 +62,10 @@ class StepInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     #: why the step is rejected, when ``accepted`` is False (set before the outcome is known)
     reason: str = ""
+    #: the solver's own acceptance test turned the update down and changed a setting to try
+    #: again (E-MSA's :class:`~ocnet.solvers.AdaptiveRho`): a normal outcome, which
+    #: ``fit(max_rejected=...)`` does not count as a failed step
+    declined: bool = False
 
 
 class Solver(abc.ABC):

@@ -17,10 +17,12 @@ divergence checks are :class:`Callback` objects of the experiments layer (``ocne
 
 With ``max_rejected=N`` the loop raises :class:`TrainingDiverged` after N consecutive
 rejected steps (``info.accepted`` False: the solver's finiteness guard undid a non-finite
-step, or the solver's own acceptance test failed), naming the first rejected batch of the
-streak (epoch, step and, when the batch itself holds NaN/inf, its bad samples). A batch
-refused by the solver's input checks (:class:`~ocnet.ocp.errors.DataError`) is re-raised
-with the epoch and step where it came.
+step, or the solver's own acceptance test failed; a step the solver *declined*,
+``info.declined``, to retry with a changed setting, such as E-MSA's adaptive rho, neither
+counts nor breaks the streak), naming the first rejected batch of the streak (epoch, step
+and, when the batch itself holds NaN/inf, its bad samples). A batch refused by the
+solver's input checks (:class:`~ocnet.ocp.errors.DataError`) is re-raised with the epoch
+and step where it came.
 
 Reading ``info.loss`` and ``info.accepted`` once per step (one device-to-host transfer
 when both are tensors on the same device) is the only host read the loop makes; a solver's
@@ -302,6 +304,8 @@ def fit(solver: Solver, batches: Batches, *, epochs: int, start_epoch: int = 0,
             result.last_loss = loss
             if accepted:
                 streak.count = 0
+            elif info.declined:  # the solver's own test, not a failure: no streak
+                pass
             else:
                 if streak.count == 0:
                     streak = _Streak(0, epoch, n, result.steps, info.reason,

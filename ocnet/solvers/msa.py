@@ -124,6 +124,73 @@ class GeometricRho(RhoSchedule):
                 f"rho_min={self.rho_min:g}, rho_max={self.rho_max:g})")
 
 
+class AdaptiveRho(RhoSchedule):
+    """rho set by each step's outcome: a trust region whose inverse radius is rho.
+
+    The E-MSA error estimate (Li et al. 2018; ``docs/msa.md`` section 1) says
+    J(u') - J(u) <= -sum_t Delta Htilde_t once rho exceeds a constant of the problem, which
+    is not known. The step's own ratio tells which side of it rho is on:
+
+        ratio = (J(u) - J(u')) / sum_t (Htilde_t(u') - Htilde_t(u))
+
+    (the decrease of J over the gain of the augmented Hamiltonians, both on the step's
+    batch). ``ratio >= 1`` is the estimate's descent; a small one means the frozen x and p
+    no longer describe the network at u'. The rules are the textbook trust-region ones
+    (Nocedal & Wright, Algorithm 4.1), with rho in place of the inverse radius:
+
+    - ``ratio < accept`` or J(u') not finite: the step is **rejected** (the controls stay
+      at u) and rho grows by ``factor``;
+    - ``ratio < low``: accepted, rho grows by ``factor``;
+    - ``ratio > high``: accepted, rho shrinks by ``factor``;
+    - else accepted, rho unchanged;
+
+    always within ``[rho_min, rho_max]``. A step with no gain (every layer already at its
+    maximiser) is accepted and leaves rho. J never increases from one step to the next on
+    the same batch. It costs one forward pass per step (J(u')) and one host read (the
+    decision), as DDP's line search.
+    """
+
+    def __init__(self, rho0: float = 1.0, *, factor: float = 2.0, low: float = 0.25,
+                 high: float = 0.75, accept: float = 1e-4, rho_min: float = 1e-6,
+                 rho_max: float = 1e6) -> None:
+        self.rho0 = _check_rho(rho0)
+        if not (factor > 1 and math.isfinite(factor)):
+            raise ConfigError(f"AdaptiveRho: factor must be a finite number > 1 (rho is "
+                              f"multiplied or divided by it), got {factor}")
+        if not accept <= low <= high:
+            raise ConfigError(f"AdaptiveRho: need accept <= low <= high (the ratio thresholds),"
+                              f" got accept={accept}, low={low}, high={high}")
+        if not 0 < rho_min <= self.rho0 <= rho_max:
+            raise ConfigError(f"AdaptiveRho: need 0 < rho_min <= rho0 <= rho_max, got "
+                              f"rho_min={rho_min}, rho0={rho0}, rho_max={rho_max}")
+        self.factor, self.low, self.high = float(factor), float(low), float(high)
+        self.accept, self.rho_min, self.rho_max = float(accept), float(rho_min), float(rho_max)
+        #: the current rho (the next step's)
+        self.rho = self.rho0
+
+    def __call__(self, step: int) -> float:
+        return self.rho
+
+    def update(self, decrease: float, gain: float) -> tuple[bool, float]:
+        """Judge a step by J's ``decrease`` and the Hamiltonians' ``gain``: (accepted, ratio);
+        rho becomes the next step's."""
+        if not math.isfinite(decrease):
+            self.rho = min(self.rho * self.factor, self.rho_max)
+            return False, -math.inf
+        if not gain > 0:  # nothing to gain: the controls did not move
+            return True, math.nan
+        ratio = decrease / gain
+        if ratio < self.low:
+            self.rho = min(self.rho * self.factor, self.rho_max)
+        elif ratio > self.high:
+            self.rho = max(self.rho / self.factor, self.rho_min)
+        return ratio >= self.accept, ratio
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveRho({self.rho0:g}, now {self.rho:g}, factor={self.factor:g}, "
+                f"low={self.low:g}, high={self.high:g}, accept={self.accept:g})")
+
+
 def _check_rho(rho: float) -> float:
     rho = float(rho)
     if not (rho >= 0 and math.isfinite(rho)):
@@ -554,7 +621,12 @@ class EMSA(Solver):
         problem: any :class:`~ocnet.ocp.Problem` (``to_problem`` stages, Euler meshes, LQ).
         rho: the penalty (a number, a :class:`RhoSchedule` or any ``step -> rho`` callable).
         rho_decay: if not 1, ``rho`` (a number) becomes ``GeometricRho(rho, rho_decay)``.
-        rho_min: lower bound of that geometric schedule.
+        rho_min: lower bound of that geometric schedule (or of the adaptive rho).
+        rho_adapt: set rho from each step's outcome (:class:`AdaptiveRho` from ``rho``): a
+            step whose decrease of J falls short of its gain in the augmented Hamiltonians is
+            rejected and rho grows; a step that meets it lets rho shrink. J then never
+            increases; one more forward pass and one host read per step. Off by default (the
+            paper's rho is fixed); ``rho=AdaptiveRho(...)`` gives its thresholds.
         inner: the inner maximiser, one of ``INNER_SOLVERS``.
         inner_iters: the inner budget per outer step, counted as ``inner_budget`` says.
         inner_budget: ``"evaluations"`` (default): ``inner_iters`` evaluations of
@@ -620,6 +692,7 @@ class EMSA(Solver):
         *,
         rho_decay: float = 1.0,
         rho_min: float = 0.0,
+        rho_adapt: bool = False,
         inner: str = "lbfgs",
         inner_iters: int = 10,
         inner_budget: str = "evaluations",
@@ -659,11 +732,22 @@ class EMSA(Solver):
         self.scaling = scaling
         if inner not in INNER_SOLVERS:
             raise unknown_name("inner solver", inner, INNER_SOLVERS)
+        if not isinstance(rho_adapt, bool):
+            raise ConfigError(f"rho_adapt must be True or False, got {rho_adapt!r}")
+        if rho_adapt and (isinstance(rho, RhoSchedule) or callable(rho) or rho_decay != 1.0):
+            raise ConfigError("rho_adapt=True sets rho from each step's outcome, starting at a "
+                              "numeric rho; it does not combine with a schedule or rho_decay "
+                              "(give rho=<number>, or rho=AdaptiveRho(...) for its thresholds)")
         if isinstance(rho, RhoSchedule) or callable(rho):
             if rho_decay != 1.0:
                 raise ConfigError("rho_decay applies to a numeric rho; give either a schedule "
                                   "object or rho=<number> with rho_decay=<factor>")
             self.rho_schedule = rho
+        elif rho_adapt:
+            if not (isinstance(rho, int | float) and rho > 0):
+                raise ConfigError(f"rho_adapt=True needs a starting rho > 0, got rho={rho!r} "
+                                  "(rho=0 is basic MSA, which has no penalty to adapt)")
+            self.rho_schedule = AdaptiveRho(rho, **({"rho_min": rho_min} if rho_min else {}))
         elif rho_decay != 1.0:
             self.rho_schedule = GeometricRho(rho, rho_decay, rho_min=rho_min)
         else:
@@ -768,6 +852,11 @@ class EMSA(Solver):
             phi = torch.where(ok, phi, phi0)
             if steps_taken is not None:  # a layer put back at z0 has taken no step
                 steps_taken = torch.where(ok, steps_taken, 0)
+        judged: dict[str, Any] = {}
+        if isinstance(self.rho_schedule, AdaptiveRho):
+            judged = self._judge(x0, y, J, z0, z, phi0, phi)
+            if not judged["accepted"]:
+                z, phi = z0, phi0
         with torch.no_grad():
             for t, us in zip(lay.stages, lay.views(z), strict=True):
                 for u, v in zip(problem.stages[t].controls, us, strict=True):
@@ -782,7 +871,37 @@ class EMSA(Solver):
         }
         if steps_taken is not None:  # inner_budget="iterations": accepted steps per layer
             extra["inner_steps"] = steps_taken
-        return StepInfo(loss=J, accepted=True, grad_norm=grad_norm(grads), extra=extra)
+        if not judged:
+            return StepInfo(loss=J, accepted=True, grad_norm=grad_norm(grads), extra=extra)
+        extra.update(ratio=judged["ratio"], loss_after=judged["loss_after"],
+                     rho_next=self.rho_schedule.rho)
+        ok = judged["accepted"]
+        return StepInfo(loss=J, accepted=ok, grad_norm=grad_norm(grads), extra=extra,
+                        declined=not ok,
+                        reason="" if ok else (
+                            f"E-MSA's adaptive rho declined the step (decrease of J / gain "
+                            f"of the augmented Hamiltonians = {judged['ratio']:.3g} < "
+                            f"{self.rho_schedule.accept:g}): the controls are unchanged and "
+                            f"rho is now {self.rho_schedule.rho:g}"))
+
+    def _judge(self, x0: Tensor, y: Tensor | None, J: Tensor, z0: Tensor, z: Tensor,  # noqa: N803
+               phi0: Tensor, phi: Tensor) -> dict[str, Any]:
+        """The adaptive rho's test of the candidate ``z``: J there (one forward pass), the
+        ratio of J's decrease to the gain sum_t (phi0_t - phi_t) of the augmented
+        Hamiltonians, and the schedule's decision (one host read, as DDP's line search)."""
+        problem, lay = self.problem, self.layout
+        controls = list(problem.controls)
+        for t, us in zip(lay.stages, lay.views(z), strict=True):
+            controls[t] = us
+        with torch.no_grad():
+            (J_new,) = self.reduce_mean([problem.objective(x0, y, controls=controls)])  # noqa: N806
+            decrease = J.detach() - J_new
+            if self.weight_decay:  # phi holds the solver's own weight decay: so must J
+                decrease = decrease + 0.5 * self.weight_decay * (z0.dot(z0) - z.dot(z))
+            gain = (phi0 - phi).sum()
+            dec, g = torch.stack([decrease.to(gain.dtype), gain]).tolist()
+        accepted, ratio = self.rho_schedule.update(dec, g)  # type: ignore[union-attr]
+        return {"accepted": accepted, "ratio": ratio, "loss_after": J_new}
 
     # ------------------------------------------------------------------ Htilde and its gradient
     def _weights(self, rho: float, batch: int) -> tuple[float, float]:
@@ -1122,12 +1241,24 @@ class EMSA(Solver):
 
     # ------------------------------------------------------------------ checkpoints
     def host_state(self) -> dict[str, Any]:
-        return {"evaluations": self.evaluations}
+        state: dict[str, Any] = {"evaluations": self.evaluations}
+        if isinstance(self.rho_schedule, AdaptiveRho):  # a step undone puts rho back too
+            state["adaptive_rho"] = self.rho_schedule.rho
+        return state
+
+    def set_host_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        rho = state.pop("adaptive_rho", None)
+        if rho is not None and isinstance(self.rho_schedule, AdaptiveRho):
+            self.rho_schedule.rho = float(rho)
+        super().set_host_state(state)
 
     def state_dict(self) -> dict[str, Any]:
-        # Each outer step starts its inner solver afresh, so the step count (and the start
-        # noise's generator, with perturb_init) is all the state.
+        # Each outer step starts its inner solver afresh, so the step count (the start
+        # noise's generator, with perturb_init; the adaptive rho) is all the state.
         state = {**super().state_dict(), "evaluations": self.evaluations}
+        if isinstance(self.rho_schedule, AdaptiveRho):  # the adaptive rho has moved
+            state["adaptive_rho"] = self.rho_schedule.rho
         if self._perturb_rng is not None:
             state["perturb_rng"] = self._perturb_rng.get_state()
         return state
@@ -1135,6 +1266,8 @@ class EMSA(Solver):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.evaluations = int(state.get("evaluations", 0))
+        if "adaptive_rho" in state and isinstance(self.rho_schedule, AdaptiveRho):
+            self.rho_schedule.rho = float(state["adaptive_rho"])
         if "perturb_rng" in state and self.perturb_init:
             # the noise is drawn where the controls live
             self._perturb_rng = torch.Generator(device=self.problem.parameters()[0].device)
