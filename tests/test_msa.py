@@ -431,6 +431,11 @@ def test_adaptive_rho_rules():
     assert not ok and ratio == -math.inf and r.rho == 4.0          # capped at rho_max
     ok, ratio = r.update(0.0, 0.0)                                 # nothing to gain
     assert ok and math.isnan(ratio) and r.rho == 4.0
+    r.rho = 1.0
+    ok, ratio = r.update(-1.0, 0.0)                      # no gain, J went up: declined
+    assert not ok and math.isnan(ratio) and r.rho == 2.0
+    ok, ratio = r.update(1.0, math.nan)                  # a non-finite gain: declined
+    assert not ok and r.rho == 4.0
     for _ in range(5):
         r.update(2.0, 1.0)
     assert r.rho == 0.25                                           # floored at rho_min
@@ -522,3 +527,47 @@ def test_adaptive_rho_options_state_and_the_loop():
     s3 = EMSA(prob, rho=0.02, inner_iters=10, rho_adapt=True)
     res = fit(s3, [(x0, y)], epochs=20, max_rejected=1)
     assert res.rejected >= 1 and res.steps == 20
+
+
+def test_adaptive_rho_with_the_solvers_weight_decay():
+    """With the solver's own weight decay the ratio's decrease carries wd/2 |u|^2, as the
+    gain does: checked against J + wd/2 |u|^2 from an independent forward pass (a wrong
+    sign or factor of that term changes the ratio)."""
+    wd = 0.3
+    prob, x, y = tanh_problem(seed=2, weight_decay=0.0)
+    s = EMSA(prob, rho=0.5, inner_iters=6, weight_decay=wd, rho_adapt=True)
+
+    def total() -> float:
+        sq = sum(float((u.detach() ** 2).sum()) for u in prob.parameters())
+        return float(prob.objective(x, y).detach()) + 0.5 * wd * sq
+
+    j = total()
+    checked = 0
+    for _ in range(12):
+        info = s.step(x, y)
+        j_new = total()
+        assert j_new <= j + 1e-12
+        gain = float((info.extra["htilde_after"] - info.extra["htilde_before"]).sum())
+        if info.accepted and gain > 1e-10:
+            assert info.extra["ratio"] == pytest.approx((j - j_new) / gain, rel=1e-6)
+            checked += 1
+        j = j_new
+    assert checked >= 3
+
+
+def test_adaptive_rho_declines_only_while_rho_can_grow():
+    """At rho_max a failed test is an ordinary rejection (fit(max_rejected=...) counts it),
+    and so is a step whose start J is not finite; both stop the loop."""
+    from ocnet.solvers.loop import TrainingDiverged, fit
+
+    prob, x0, y = lq_problem(seed=0, T=4, n=3, m=2, B=6, r_eps=0.01)
+    s = EMSA(prob, rho=AdaptiveRho(0.02, rho_max=0.02), inner_iters=10)
+    infos = [s.step(x0, y) for _ in range(8)]
+    assert any(i.accepted is False for i in infos)
+    assert not any(i.declined for i in infos)   # rho could not grow: not a retry
+    prob, x0, y = lq_problem(seed=0, T=4, n=3, m=2, B=6, r_eps=0.01)
+    with torch.no_grad():
+        prob.parameters()[0].fill_(1e200)        # J(u) = inf at the start of every step
+    s = EMSA(prob, rho=1.0, inner_iters=3, rho_adapt=True)
+    with pytest.raises(TrainingDiverged):
+        fit(s, [(x0, y)], epochs=5, max_rejected=2)

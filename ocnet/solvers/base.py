@@ -147,7 +147,8 @@ class Solver(abc.ABC):
                 self._restore(saved, ok)
             else:  # a CPU tensor: reading it is no synchronisation
                 ok = math.isfinite(float(total))
-                if not ok:
+                if not ok:  # the guard's rejection, whatever the solver said of its step
+                    info.declined, info.reason = False, ""
                     self._restore(saved, None)
                     self.set_host_state(saved.host)
                     self._mark(info, ok)

@@ -138,16 +138,20 @@ class AdaptiveRho(RhoSchedule):
     no longer describe the network at u'. The rules are the textbook trust-region ones
     (Nocedal & Wright, Algorithm 4.1), with rho in place of the inverse radius:
 
-    - ``ratio < accept`` or J(u') not finite: the step is **rejected** (the controls stay
+    - ``ratio < accept`` or J(u') not finite: the step is **declined** (the controls stay
       at u) and rho grows by ``factor``;
     - ``ratio < low``: accepted, rho grows by ``factor``;
     - ``ratio > high``: accepted, rho shrinks by ``factor``;
     - else accepted, rho unchanged;
 
     always within ``[rho_min, rho_max]``. A step with no gain (every layer already at its
-    maximiser) is accepted and leaves rho. J never increases from one step to the next on
+    maximiser) is accepted if J did not go up, and leaves rho. J (with the solver's own
+    ``weight_decay`` term, when it has one) never increases from one step to the next on
     the same batch. It costs one forward pass per step (J(u')) and one host read (the
-    decision), as DDP's line search.
+    decision), as DDP's line search. A step is reported *declined* (``StepInfo.declined``:
+    a retry with a larger rho, not a failure) only while rho could still grow; at
+    ``rho_max``, or when J(u) itself is not finite, it is an ordinary rejection, which
+    ``fit(max_rejected=...)`` counts.
     """
 
     def __init__(self, rho0: float = 1.0, *, factor: float = 2.0, low: float = 0.25,
@@ -174,11 +178,14 @@ class AdaptiveRho(RhoSchedule):
     def update(self, decrease: float, gain: float) -> tuple[bool, float]:
         """Judge a step by J's ``decrease`` and the Hamiltonians' ``gain``: (accepted, ratio);
         rho becomes the next step's."""
-        if not math.isfinite(decrease):
+        if not (math.isfinite(decrease) and math.isfinite(gain)):
             self.rho = min(self.rho * self.factor, self.rho_max)
             return False, -math.inf
-        if not gain > 0:  # nothing to gain: the controls did not move
-            return True, math.nan
+        if not gain > 0:  # no gain: kept only if J did not go up (the controls did not move)
+            if decrease >= 0:
+                return True, math.nan
+            self.rho = min(self.rho * self.factor, self.rho_max)
+            return False, math.nan
         ratio = decrease / gain
         if ratio < self.low:
             self.rho = min(self.rho * self.factor, self.rho_max)
@@ -621,7 +628,8 @@ class EMSA(Solver):
         problem: any :class:`~ocnet.ocp.Problem` (``to_problem`` stages, Euler meshes, LQ).
         rho: the penalty (a number, a :class:`RhoSchedule` or any ``step -> rho`` callable).
         rho_decay: if not 1, ``rho`` (a number) becomes ``GeometricRho(rho, rho_decay)``.
-        rho_min: lower bound of that geometric schedule (or of the adaptive rho).
+        rho_min: lower bound of that geometric schedule (or of the adaptive rho; 0 there
+            means its own floor, 1e-6 or ``rho`` if smaller).
         rho_adapt: set rho from each step's outcome (:class:`AdaptiveRho` from ``rho``): a
             step whose decrease of J falls short of its gain in the augmented Hamiltonians is
             rejected and rho grows; a step that meets it lets rho shrink. J then never
@@ -747,7 +755,8 @@ class EMSA(Solver):
             if not (isinstance(rho, int | float) and rho > 0):
                 raise ConfigError(f"rho_adapt=True needs a starting rho > 0, got rho={rho!r} "
                                   "(rho=0 is basic MSA, which has no penalty to adapt)")
-            self.rho_schedule = AdaptiveRho(rho, **({"rho_min": rho_min} if rho_min else {}))
+            # rho_min 0 (the default) means the schedule's own floor, 1e-6 (or rho if smaller)
+            self.rho_schedule = AdaptiveRho(rho, rho_min=rho_min or min(1e-6, rho))
         elif rho_decay != 1.0:
             self.rho_schedule = GeometricRho(rho, rho_decay, rho_min=rho_min)
         else:
@@ -857,6 +866,8 @@ class EMSA(Solver):
             judged = self._judge(x0, y, J, z0, z, phi0, phi)
             if not judged["accepted"]:
                 z, phi = z0, phi0
+                if steps_taken is not None:  # back at z0: no step taken
+                    steps_taken = torch.zeros_like(steps_taken)
         with torch.no_grad():
             for t, us in zip(lay.stages, lay.views(z), strict=True):
                 for u, v in zip(problem.stages[t].controls, us, strict=True):
@@ -877,7 +888,7 @@ class EMSA(Solver):
                      rho_next=self.rho_schedule.rho)
         ok = judged["accepted"]
         return StepInfo(loss=J, accepted=ok, grad_norm=grad_norm(grads), extra=extra,
-                        declined=not ok,
+                        declined=judged["declined"],
                         reason="" if ok else (
                             f"E-MSA's adaptive rho declined the step (decrease of J / gain "
                             f"of the augmented Hamiltonians = {judged['ratio']:.3g} < "
@@ -900,8 +911,14 @@ class EMSA(Solver):
                 decrease = decrease + 0.5 * self.weight_decay * (z0.dot(z0) - z.dot(z))
             gain = (phi0 - phi).sum()
             dec, g = torch.stack([decrease.to(gain.dtype), gain]).tolist()
-        accepted, ratio = self.rho_schedule.update(dec, g)  # type: ignore[union-attr]
-        return {"accepted": accepted, "ratio": ratio, "loss_after": J_new}
+        sched: AdaptiveRho = self.rho_schedule  # type: ignore[assignment]
+        rho_before = sched.rho
+        accepted, ratio = sched.update(dec, g)
+        # a retry with a larger rho, unless rho cannot grow or J was not finite to begin
+        # with (then the guard's rejection, which fit(max_rejected=...) counts)
+        declined = not accepted and sched.rho > rho_before and math.isfinite(float(J))
+        return {"accepted": accepted, "ratio": ratio, "loss_after": J_new,
+                "declined": declined}
 
     # ------------------------------------------------------------------ Htilde and its gradient
     def _weights(self, rho: float, batch: int) -> tuple[float, float]:
