@@ -910,13 +910,14 @@ class EMSA(Solver):
             if self.weight_decay:  # phi holds the solver's own weight decay: so must J
                 decrease = decrease + 0.5 * self.weight_decay * (z0.dot(z0) - z.dot(z))
             gain = (phi0 - phi).sum()
-            dec, g = torch.stack([decrease.to(gain.dtype), gain]).tolist()
+            dec, g, j0 = torch.stack([decrease.to(gain.dtype), gain,
+                                      J.detach().to(gain.dtype)]).tolist()  # the one read
         sched: AdaptiveRho = self.rho_schedule  # type: ignore[assignment]
         rho_before = sched.rho
         accepted, ratio = sched.update(dec, g)
         # a retry with a larger rho, unless rho cannot grow or J was not finite to begin
         # with (then the guard's rejection, which fit(max_rejected=...) counts)
-        declined = not accepted and sched.rho > rho_before and math.isfinite(float(J))
+        declined = not accepted and sched.rho > rho_before and math.isfinite(j0)
         return {"accepted": accepted, "ratio": ratio, "loss_after": J_new,
                 "declined": declined}
 
